@@ -1,0 +1,128 @@
+"""LoRA adapters on one shared base model (peft), and switching between them.
+
+Every stage's LoRA result is a named adapter on the cached base model, so the policy, the reference, the value
+function and a same-base reward model cost one copy of the weights. The HF model itself is always the module
+that runs: peft injects its LoRA layers into it, and `PeftModel` only manages the adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..config import LoraConfig
+from .models import LoadedModel
+
+_ids = itertools.count(1)
+
+
+def unique_name(stem: str) -> str:
+    return f"{stem}-{next(_ids)}"
+
+
+def peft_config(cfg: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLora
+
+    targets: Any = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    return PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+
+
+def add_adapter(lm: LoadedModel, stem: str, cfg: LoraConfig, init_from: str | None = None) -> str:
+    """Add a new trainable adapter; start it as a copy of `init_from` (same config) or as a no-op (B = 0)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = unique_name(stem)
+    pcfg = peft_config(lm.adapters[init_from] if init_from else cfg)
+    if lm.peft is None:
+        lm.peft = get_peft_model(lm.model, pcfg, adapter_name=name)
+    else:
+        lm.peft.add_adapter(name, pcfg)
+    lm.adapters[name] = lm.adapters[init_from] if init_from else cfg
+    if init_from:
+        state = get_peft_model_state_dict(lm.peft, adapter_name=init_from)
+        set_peft_model_state_dict(lm.peft, state, adapter_name=name)
+    return name
+
+
+def train_only(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Make exactly `params` trainable (peft's adapter switches change requires_grad behind our back)."""
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def adapter_parameters(lm: LoadedModel, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of one adapter (what an optimizer trains)."""
+    key = f".{name}."
+    return [p for n, p in lm.model.named_parameters() if key in n]
+
+
+@contextlib.contextmanager
+def _keep_grad_flags(model: torch.nn.Module) -> Iterator[None]:
+    """peft flips requires_grad when it switches adapters; the caller's choice of trainables must survive."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def use_adapter(lm: LoadedModel, name: str | None) -> Iterator[None]:
+    """Run `lm.model` with adapter `name` active, or with every adapter off when `name` is None."""
+    if lm.peft is None:
+        if name is not None:
+            raise RuntimeError(f"adapter {name!r} requested on a model without adapters")
+        yield
+        return
+    tuner = lm.peft.base_model
+    previous = list(tuner.active_adapters)
+    was_disabled = _adapters_disabled(tuner)
+    with _keep_grad_flags(lm.model):
+        if name is None:
+            tuner.disable_adapter_layers()
+        else:
+            tuner.set_adapter(name)
+            tuner.enable_adapter_layers()
+    try:
+        yield
+    finally:
+        with _keep_grad_flags(lm.model):
+            tuner.set_adapter(previous)
+            if was_disabled:
+                tuner.disable_adapter_layers()
+            else:
+                tuner.enable_adapter_layers()
+
+
+def _adapters_disabled(tuner: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in tuner.model.modules():
+        if isinstance(m, BaseTunerLayer):
+            return bool(m.disable_adapters)
+    return False
+
+
+def merged_copy(lm: LoadedModel, name: str | None) -> torch.nn.Module:
+    """A plain HF model with adapter `name` merged in (for `.save()`); the shared model is untouched."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if lm.peft is None:
+        return lm.model
+    clone = copy.deepcopy(lm.peft)
+    tuner = clone.base_model
+    if name is None:
+        return tuner.unload()
+    for m in tuner.model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(True)
+    tuner.set_adapter(name)
+    return tuner.merge_and_unload(adapter_names=[name])

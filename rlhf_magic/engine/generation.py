@@ -1,0 +1,91 @@
+"""Batched sampling with a KV cache and left padding, stopping at EOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .models import LoadedModel
+from .text import encode, format_prompt
+
+
+@dataclass
+class Rollout:
+    """Token ids of a generated batch. `queries` are left-padded, `responses` right-padded with PAD."""
+
+    queries: torch.Tensor  # [B, Tq]
+    query_mask: torch.Tensor  # [B, Tq] 1 on real tokens
+    responses: torch.Tensor  # [B, Tr]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int = 1024) -> list[list[int]]:
+    """Chat-formatted prompt ids, keeping the last `max_prompt_tokens` tokens of very long prompts."""
+    return [encode(lm.tokenizer, format_prompt(lm.tokenizer, p))[-max_prompt_tokens:] for p in prompts]
+
+
+@torch.no_grad()
+def sample(
+    lm: LoadedModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    autocast: Any = None,
+) -> Rollout:
+    """Generate for every prompt (each repeated `num_return_sequences` times) in one batched call."""
+    tok = lm.tokenizer
+    rows = [r for r in encode_prompts(lm, prompts) for _ in range(num_return_sequences)]
+    device = next(lm.model.parameters()).device
+    ids, mask = left_pad(rows, tok.pad_token_id, device)
+    kw: dict[str, Any] = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        ctx = autocast() if autocast else _null()
+        with ctx:
+            out = lm.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw,
+            )
+    finally:
+        lm.model.train(was_training)
+    return Rollout(ids, mask, out[:, ids.shape[1]:])
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def decode(lm: LoadedModel, responses: torch.Tensor) -> list[str]:
+    """Answer texts: everything up to the first EOS, special tokens removed."""
+    tok = lm.tokenizer
+    texts = []
+    for row in responses.tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row, skip_special_tokens=True).strip())
+    return texts

