@@ -36,8 +36,16 @@ def _views(stage: str, name: str, progress: bool, callbacks: Sequence[Callback],
     return views
 
 
-def sft(name: str = "sft", *, config: SFTConfig | None = None, session: Any = None, progress: bool = True,
-        callbacks: Sequence[Callback] = (), stop: StopControl | None = None, **settings: Any) -> Any:
+def sft(
+    name: str = "sft",
+    *,
+    config: SFTConfig | None = None,
+    session: Any = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    stop: StopControl | None = None,
+    **settings: Any,
+) -> Any:
     """Supervised fine-tuning. Returns a policy handle (`.generate`, `.save`, `.metrics`).
 
     Settings are SFTConfig's fields (`data=..., epochs=2, lora={"r": 8}` or `lora=False`); `session` registers
@@ -55,8 +63,14 @@ def sft(name: str = "sft", *, config: SFTConfig | None = None, session: Any = No
     return handle
 
 
-def load_policy(model: str = "smollm2-135m", name: str | None = None, *, session: Any = None,
-                device: str | None = None, precision: str | None = None) -> Any:
+def load_policy(
+    model: str = "smollm2-135m",
+    name: str | None = None,
+    *,
+    session: Any = None,
+    device: str | None = None,
+    precision: str | None = None,
+) -> Any:
     """A policy handle for a model as it is (no training), e.g. the base model to compare against."""
     from .engine.handles import PolicyHandle
     from .engine.runtime import resolve_runtime

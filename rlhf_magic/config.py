@@ -169,8 +169,10 @@ def build_config(cls: type, values: dict[str, Any], where: dict[str, str] | None
         top, _, sub = key.partition(".")
         if top not in names or (sub and top != "lora"):
             known = list(field_help(cls))
-            raise ConfigError(f"{_at(where, key)}unknown setting {key!r}{did_you_mean(key, known)}; "
-                              f"settings are: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"{_at(where, key)}unknown setting {key!r}{did_you_mean(key, known)}; "
+                f"settings are: {', '.join(sorted(names))}"
+            )
         if sub:
             lora_over[sub] = value
         else:
@@ -193,8 +195,10 @@ def _merge_lora(base: Any, overrides: dict[str, Any], where: dict[str, str]) -> 
     fixed = {}
     for sub, value in overrides.items():
         if sub not in hints:
-            raise ConfigError(f"{_at(where, 'lora.' + sub)}unknown setting 'lora.{sub}'"
-                              f"{did_you_mean(sub, hints)}; lora settings are: {', '.join(hints)}")
+            raise ConfigError(
+                f"{_at(where, 'lora.' + sub)}unknown setting 'lora.{sub}'"
+                f"{did_you_mean(sub, hints)}; lora settings are: {', '.join(hints)}"
+            )
         fixed[sub] = check_value(f"lora.{sub}", value, hints[sub], where)
     return dataclasses.replace(base, **fixed)
 

@@ -50,7 +50,7 @@ class Emitter:
         for cb in list(self.callbacks):
             try:
                 cb(ev)
-            except Exception as e:  # noqa: BLE001 - a broken view must not kill a run
+            except Exception as e:
                 self.callbacks.remove(cb)
                 import warnings
 

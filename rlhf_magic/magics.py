@@ -19,8 +19,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 
 from ._version import __version__
 from .config import STAGES, describe
-from .errors import RLHFError
-from .parsing import parse_cell
+from .errors import ConfigError, RLHFError
+from .parsing import parse_cell, parse_line_args, parse_name
 from .session import Session
 
 SESSION_VAR = "rlhf"
@@ -71,6 +71,66 @@ class RLHFMagics(Magics):
             name, cfg = parse_cell("sft", line, cell, self._ns())
             handle = api.sft(name, config=cfg, session=self.session)
         return self._publish(handle)
+
+    @no_var_expand
+    @cell_magic
+    def reward(self, line: str, cell: str) -> Any:
+        from . import api
+
+        with user_errors():
+            name, cfg = parse_cell("reward", line, cell, self._ns())
+            handle = api.reward(name, config=cfg, session=self.session)
+        return self._publish(handle)
+
+    @no_var_expand
+    @cell_magic
+    def ppo(self, line: str, cell: str) -> Any:
+        from . import api
+
+        with user_errors():
+            name, cfg = parse_cell("ppo", line, cell, self._ns())
+            handle = api.ppo(name, config=cfg, session=self.session)
+        return self._publish(handle)
+
+    @no_var_expand
+    @line_magic
+    def rank(self, line: str) -> Any:
+        """%rank NAME policy=sft prompts=my_prompts k=4 file="prefs.jsonl" [ties=True labeler="ann"]
+
+        Opens the ranking panel and binds it to NAME (its `.preferences` feed %%reward)."""
+        from .widgets.ranking import RankingPanel
+
+        with user_errors():
+            name, options = self._line("rank", line)
+            panel = RankingPanel(**options, session=self.session)
+        self._ns()[name] = panel
+        return panel
+
+    @no_var_expand
+    @line_magic
+    def compare(self, line: str) -> Any:
+        """%compare A B prompts=my_prompts reward=rm [blind=True n=20]: two policies side by side."""
+        from .widgets.compare import ComparePanel
+
+        with user_errors():
+            pos, options = parse_line_args(line, self._ns(), "compare")
+            if len(pos) != 2:
+                raise ConfigError("%compare needs two policies: %compare A B prompts=... [reward=...]")
+            a, b = (self._resolve(p) for p in pos)
+            panel = ComparePanel(a, b, **options, session=self.session)
+        return panel
+
+    def _line(self, magic: str, line: str) -> tuple[str, dict[str, Any]]:
+        pos, options = parse_line_args(line, self._ns(), magic)
+        if len(pos) != 1:
+            raise ConfigError(f"%{magic} needs exactly one result name first, e.g. %{magic} prefs key=value ...")
+        return parse_name(pos[0], magic), options
+
+    def _resolve(self, name: str) -> Any:
+        """A handle by notebook variable or session name."""
+        if name in self._ns():
+            return self._ns()[name]
+        return self.session[name]
 
     @no_var_expand
     @line_magic

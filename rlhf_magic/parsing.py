@@ -33,8 +33,9 @@ def parse_body(body: str, namespace: Mapping[str, Any]) -> tuple[dict[str, Any],
     try:
         tree = ast.parse(body or "", mode="exec")
     except SyntaxError as e:
-        raise ConfigError(f"line {e.lineno}: cannot read this setting ({e.msg}); "
-                          f"write one `key = value` per line") from None
+        raise ConfigError(
+            f"line {e.lineno}: cannot read this setting ({e.msg}); write one `key = value` per line"
+        ) from None
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
     for stmt in tree.body:
@@ -64,8 +65,10 @@ def _value(node: ast.expr, key: str, line: str, namespace: Mapping[str, Any]) ->
     try:
         return ast.literal_eval(node)
     except (ValueError, SyntaxError, TypeError):
-        raise ConfigError(f"{line}: {key} = {ast.unparse(node)} is not a literal or a notebook variable; "
-                          f"compute it in a code cell first and pass the variable") from None
+        raise ConfigError(
+            f"{line}: {key} = {ast.unparse(node)} is not a literal or a notebook variable; "
+            f"compute it in a code cell first and pass the variable"
+        ) from None
 
 
 def _lookup(node: ast.expr, key: str, line: str, namespace: Mapping[str, Any]) -> Any:
@@ -77,8 +80,10 @@ def _lookup(node: ast.expr, key: str, line: str, namespace: Mapping[str, Any]) -
         raise ConfigError(f"{line}: {key}: only variable names and literals are accepted")
     if node.id not in namespace:
         public = [k for k in namespace if not k.startswith("_")]
-        raise ConfigError(f"{line}: {key} = {node.id}: no notebook variable named {node.id!r}"
-                          f"{did_you_mean(node.id, public)}; define it first or quote a path")
+        raise ConfigError(
+            f"{line}: {key} = {node.id}: no notebook variable named {node.id!r}"
+            f"{did_you_mean(node.id, public)}; define it first or quote a path"
+        )
     obj = namespace[node.id]
     for attr in reversed(parts):
         if not hasattr(obj, attr):

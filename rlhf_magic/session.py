@@ -66,10 +66,18 @@ class Session:
         out = []
         for h in self._handles.values():
             summary = getattr(getattr(h, "metrics", None), "summary", {}) or {}
-            brief = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in list(summary.items())[:4])
-            out.append({"name": h.name, "kind": h.kind, "stage": h.stage,
-                        "parents": ", ".join(h.parents) or "-", "summary": brief})
+            brief = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(summary.items())[:4]
+            )
+            out.append(
+                {
+                    "name": h.name,
+                    "kind": h.kind,
+                    "stage": h.stage,
+                    "parents": ", ".join(h.parents) or "-",
+                    "summary": brief,
+                }
+            )
         return out
 
     def __repr__(self) -> str:
@@ -77,17 +85,23 @@ class Session:
         if not rows:
             return "rlhf session: no results yet (run %%sft NAME to make one)"
         lines = [f"rlhf session: {len(rows)} result(s)"]
-        lines += [f"  {r['name']:<16} {r['kind']:<7} {r['stage']:<7} from {r['parents']:<20} {r['summary']}"
-                  for r in rows]
+        lines += [
+            f"  {r['name']:<16} {r['kind']:<7} {r['stage']:<7} from {r['parents']:<20} {r['summary']}" for r in rows
+        ]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         rows = self.rows()
         if not rows:
             return "<i>rlhf session: no results yet (run <code>%%sft NAME</code> to make one)</i>"
-        head = "".join(f"<th style='text-align:left'>{c}</th>" for c in ("name", "kind", "stage", "parents",
-                                                                           "summary"))
-        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(r[c])}</td>"
-                                        for c in ("name", "kind", "stage", "parents", "summary")) + "</tr>"
-                       for r in rows)
+        head = "".join(f"<th style='text-align:left'>{c}</th>" for c in ("name", "kind", "stage", "parents", "summary"))
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td style='text-align:left'>{html.escape(r[c])}</td>"
+                for c in ("name", "kind", "stage", "parents", "summary")
+            )
+            + "</tr>"
+            for r in rows
+        )
         return f"<table class='rlhf-session'><tr>{head}</tr>{body}</table>"

@@ -39,8 +39,10 @@ def read_records(data: Any, what: str = "data") -> list[dict]:
                 raise DataError(f"{what}[{i}] is a {type(r).__name__}, not a dict; each record needs named fields")
             out.append(dict(r))
         return out
-    raise DataError(f"{what} of type {type(data).__name__} is not supported; pass a list of dicts, a DataFrame, "
-                    f"a datasets.Dataset or a .jsonl/.json/.csv path")
+    raise DataError(
+        f"{what} of type {type(data).__name__} is not supported; pass a list of dicts, a DataFrame, "
+        f"a datasets.Dataset or a .jsonl/.json/.csv path"
+    )
 
 
 def read_file(path: Path, what: str = "data") -> list[dict]:
@@ -90,8 +92,9 @@ def to_chat(rec: dict, i: int) -> list[dict[str, str]]:
     """One SFT record -> chat messages ending with the assistant answer that is trained on."""
     if "messages" in rec:
         msgs = rec["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m
-                                                 for m in msgs):
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in msgs
+        ):
             raise DataError(f"record {i}: `messages` must be a list of {{'role', 'content'}} dicts")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"record {i}: `messages` has no assistant turn to learn from")

@@ -26,8 +26,8 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -64,12 +64,17 @@ def sample(
         ctx = autocast() if autocast else _null()
         with ctx:
             out = lm.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **kw,
             )
     finally:
         lm.model.train(was_training)
-    return Rollout(ids, mask, out[:, ids.shape[1]:])
+    return Rollout(ids, mask, out[:, ids.shape[1] :])
 
 
 class _null:

@@ -77,10 +77,15 @@ class Handle:
         return [("stage", self.stage), ("parents", ", ".join(self.parents) or "none")]
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
-                       f"{html.escape(v)}</td></tr>" for k, v in self._rows())
-        return (f"<div class='rlhf-handle'><b>{html.escape(self.name)}</b> "
-                f"<span style='color:#666'>({self.kind})</span><table>{rows}</table></div>")
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+            f"{html.escape(v)}</td></tr>"
+            for k, v in self._rows()
+        )
+        return (
+            f"<div class='rlhf-handle'><b>{html.escape(self.name)}</b> "
+            f"<span style='color:#666'>({self.kind})</span><table>{rows}</table></div>"
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} stage={self.stage} parents={list(self.parents)}>"
@@ -91,8 +96,16 @@ class PolicyHandle(Handle):
 
     kind = "policy"
 
-    def __init__(self, name: str, stage: str, lm: LoadedModel, adapter: str | None, config: Any,
-                 parents: Iterable[str], runtime: Runtime):
+    def __init__(
+        self,
+        name: str,
+        stage: str,
+        lm: LoadedModel,
+        adapter: str | None,
+        config: Any,
+        parents: Iterable[str],
+        runtime: Runtime,
+    ):
         super().__init__(name, stage, config, parents, runtime)
         self.lm = lm
         self.adapter = adapter
@@ -101,29 +114,53 @@ class PolicyHandle(Handle):
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[str]:
+    def generate(
+        self,
+        prompts: str | list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
         """One answer per prompt (greedy when temperature is 0)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return [a[0] for a in self.sample(prompts, 1, max_new_tokens, temperature, top_p, seed)]
 
-    def sample(self, prompts: list[str], k: int, max_new_tokens: int = 64, temperature: float = 0.7,
-               top_p: float = 1.0, seed: int | None = None) -> list[list[str]]:
+    def sample(
+        self,
+        prompts: list[str],
+        k: int,
+        max_new_tokens: int = 64,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         """`k` answers per prompt, all sampled in one batched call."""
         if not prompts:
             return []
         with use_adapter(self.lm, self.adapter):
-            out = sample(self.lm, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, num_return_sequences=k, seed=seed, autocast=self.runtime.autocast)
+            out = sample(
+                self.lm,
+                list(prompts),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                num_return_sequences=k,
+                seed=seed,
+                autocast=self.runtime.autocast,
+            )
         texts = decode(self.lm, out.responses)
-        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     def save(self, path: str | os.PathLike) -> Path:
         """A checkpoint that `from_pretrained(path)` and `model = "<path>"` load back (adapters merged)."""
         model = merged_copy(self.lm, self.adapter)
-        meta = {**self.describe(), "base": self.lm.spec, "metrics": _jsonable(self.metrics.summary),
-                "config": _jsonable(dataclasses.asdict(self.config)) if dataclasses.is_dataclass(self.config)
-                else None}
+        meta = {
+            **self.describe(),
+            "base": self.lm.spec,
+            "metrics": _jsonable(self.metrics.summary),
+            "config": _jsonable(dataclasses.asdict(self.config)) if dataclasses.is_dataclass(self.config) else None,
+        }
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
@@ -133,9 +170,11 @@ class PolicyHandle(Handle):
         return atomic_dir(Path(path), write)
 
     def _rows(self) -> list[tuple[str, str]]:
-        rows = [("base model", self.lm.spec),
-                ("weights", f"LoRA adapter {self.adapter}" if self.adapter else "full model"),
-                ("device", f"{self.runtime.device.type} / {self.runtime.precision}")]
+        rows = [
+            ("base model", self.lm.spec),
+            ("weights", f"LoRA adapter {self.adapter}" if self.adapter else "full model"),
+            ("device", f"{self.runtime.device.type} / {self.runtime.precision}"),
+        ]
         rows += super()._rows()
         for key, val in self.metrics.summary.items():
             rows.append((key, f"{val:.4g}" if isinstance(val, float) else str(val)))

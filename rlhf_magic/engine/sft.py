@@ -26,8 +26,9 @@ from .text import IGNORE, Example, encode_chat
 N_SAMPLES = 2
 
 
-def train_sft(cfg: SFTConfig, name: str, runtime: Runtime, callbacks: Sequence[Callback] = (),
-              stop: StopControl | None = None) -> PolicyHandle:
+def train_sft(
+    cfg: SFTConfig, name: str, runtime: Runtime, callbacks: Sequence[Callback] = (), stop: StopControl | None = None
+) -> PolicyHandle:
     stop = stop or StopControl()
     emit = Emitter("sft", callbacks)
     seed_everything(cfg.seed)
@@ -43,9 +44,19 @@ def train_sft(cfg: SFTConfig, name: str, runtime: Runtime, callbacks: Sequence[C
     before = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
     # 4. optimizer, schedule and accelerate
     lr = cfg.lr or (2e-4 if cfg.lora else 2e-5)
-    state = TrainState.build(runtime, TokenLoss(lm.model), params, lr, cfg.grad_accum, cfg.seed,
-                             train, cfg.batch_size,
-                             functools.partial(collate, pad_id=lm.tokenizer.pad_token_id), cfg.epochs, cfg.max_steps)
+    state = TrainState.build(
+        runtime,
+        TokenLoss(lm.model),
+        params,
+        lr,
+        cfg.grad_accum,
+        cfg.seed,
+        train,
+        cfg.batch_size,
+        functools.partial(collate, pad_id=lm.tokenizer.pad_token_id),
+        cfg.epochs,
+        cfg.max_steps,
+    )
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "name": name})
     # 5. the loop: one event per optimizer step, eval every ~10% and at the end
@@ -61,9 +72,13 @@ def train_sft(cfg: SFTConfig, name: str, runtime: Runtime, callbacks: Sequence[C
     # 6. the result: before/after samples, summary, optional save
     after = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
     if before:
-        emit("samples", payload={"title": "before / after SFT",
-                                 "rows": [{"prompt": p, "before": b, "after": a}
-                                          for p, b, a in zip(sample_prompts, before, after)]})
+        emit(
+            "samples",
+            payload={
+                "title": "before / after SFT",
+                "rows": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(sample_prompts, before, after)],
+            },
+        )
     handle.metrics.summary.update(_summary(handle, state, stop))
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
@@ -100,7 +115,7 @@ def prepare_data(cfg: Any, lm: LoadedModel) -> tuple[list[Example], list[Example
         raise DataError(f"no example has answer tokens within max_length = {cfg.max_length}; raise max_length")
     order = list(range(len(kept)))
     random.Random(cfg.seed).shuffle(order)
-    n_eval = int(round(cfg.eval_fraction * len(kept))) if len(kept) >= 4 else 0
+    n_eval = round(cfg.eval_fraction * len(kept)) if len(kept) >= 4 else 0
     ev, tr = order[:n_eval], order[n_eval:]
     prompt_src = ev or tr
     prompts = [_last_user(kept[i][0]) for i in prompt_src[:N_SAMPLES]]
@@ -137,7 +152,7 @@ def _evaluator(state: TrainState, evals: list[Example], batch_size: int, pad: in
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(evals), batch_size):
-                batch = {k: v.to(state.device) for k, v in collate(evals[i:i + batch_size], pad).items()}
+                batch = {k: v.to(state.device) for k, v in collate(evals[i : i + batch_size], pad).items()}
                 k = int((batch["labels"][:, 1:] != IGNORE).sum())
                 total += float(module(**batch)) * k
                 n += k

@@ -47,7 +47,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], max_length: int)
         if msg["role"] != "assistant":
             continue
         prefix = format_prompt(tokenizer, messages[:i]) if i else ""
-        prompt_part = prefix[len(done):] if prefix.startswith(done) else prefix
+        prompt_part = prefix[len(done) :] if prefix.startswith(done) else prefix
         answer = _answer_text(tokenizer, messages[: i + 1], prefix)
         p_ids, a_ids = encode(tokenizer, prompt_part), encode(tokenizer, answer)
         ids += p_ids + a_ids
@@ -62,7 +62,7 @@ def _answer_text(tokenizer: Any, messages: list[dict[str, str]], prefix: str) ->
     if has_chat_template(tokenizer):
         full = render(tokenizer, messages, add_generation_prompt=False)
         if full.startswith(prefix):
-            tail = full[len(prefix):]
+            tail = full[len(prefix) :]
             cut = tail.find(eos, len(messages[-1]["content"]))
             if cut >= 0:
                 return tail[: cut + len(eos)]

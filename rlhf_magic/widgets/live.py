@@ -43,9 +43,12 @@ def live_view(stage: str, title: str, stop: StopControl | None = None, panels: P
 def fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+    seconds = round(seconds)
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class _Progress:
@@ -64,8 +67,11 @@ class _Progress:
         done = max(ev.step, 0)
         rate = (now - self.t0) / done if done else math.nan
         left = (ev.total - done) * rate if done else math.nan
-        return f"step {done}/{ev.total} · {rate:.2f} s/step · ETA {fmt_eta(left)}" if done \
+        return (
+            f"step {done}/{ev.total} · {rate:.2f} s/step · ETA {fmt_eta(left)}"
+            if done
             else f"step 0/{ev.total} · starting"
+        )
 
 
 class TextView:
@@ -104,8 +110,15 @@ def samples_html(payload: dict) -> str:
         return ""
     cols = list(rows[0])
     head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left;vertical-align:top;white-space:pre-wrap'>"
-                                    f"{html.escape(_cell(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td style='text-align:left;vertical-align:top;white-space:pre-wrap'>{html.escape(_cell(r.get(c)))}</td>"
+            for c in cols
+        )
+        + "</tr>"
+        for r in rows
+    )
     title = html.escape(payload.get("title", "samples"))
     return f"<b>{title}</b><table class='rlhf-samples'><tr>{head}</tr>{body}</table>"
 
@@ -130,8 +143,13 @@ class WidgetView:
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.bar = W.FloatProgress(value=0, min=0, max=1, layout=W.Layout(width="50%"))
         self.label = W.HTML(f"<b>{html.escape(title)}</b> starting")
-        self.button = W.Button(description="Stop", icon="stop", button_style="warning",
-                               layout=W.Layout(width="90px"), disabled=stop is None)
+        self.button = W.Button(
+            description="Stop",
+            icon="stop",
+            button_style="warning",
+            layout=W.Layout(width="90px"),
+            disabled=stop is None,
+        )
         self.button.add_class("rlhf-stop")
         self.button.on_click(self._on_stop)
         self.alerts = W.HTML("")
