@@ -1,0 +1,326 @@
+"""The ranking panel: a person orders K answers per prompt; every Submit appends one JSONL record.
+
+Core ipywidgets only (JupyterLab 4, Notebook 7, VS Code, Colab). Answers are sampled lazily, one batched call of
+K per prompt when it is shown, so the first prompt appears after one call instead of len(prompts) calls.
+Every button has a method that does the same thing (`submit`, `skip`, `back`, `undo`) for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..engine.data import read_prompts
+from ..errors import ConfigError, DataError, RLHFError, did_you_mean
+from ..preferences import RANKING, Preferences, format_ranking, parse_ranking
+from .ranking_cards import Cards, describe
+from .ranking_store import PreferenceStore, new_id, now_iso
+
+OPTIONS = ("prompts", "policy", "responses", "k", "file", "ties", "labeler", "temperature", "top_p", "seed",
+           "max_new_tokens", "title")  # fmt: skip
+ALL_BAD = "all_bad"
+
+
+class RankingPanel:
+    """Rank K answers per prompt. `.preferences` holds every ranking in `file` (retractions applied)."""
+
+    def __init__(
+        self,
+        prompts: Any = None,
+        policy: Any = None,
+        responses: Any = None,
+        k: int | None = None,
+        file: Any = "preferences.jsonl",
+        ties: bool = False,
+        labeler: str = "",
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        max_new_tokens: int = 64,
+        session: Any = None,
+        title: str | None = None,
+        **unknown: Any,
+    ):
+        if unknown:
+            key = next(iter(unknown))
+            raise ConfigError(
+                f"%rank: unknown option {key!r}{did_you_mean(key, OPTIONS)}; options: {', '.join(OPTIONS)}"
+            )
+        if prompts is None:
+            raise ConfigError("%rank needs prompts=..., a list of prompt strings (or records with a `prompt` field)")
+        self.prompts = _unique(read_prompts(prompts))
+        self.k = _check_options(k, ties, labeler, temperature, top_p, seed, max_new_tokens)
+        self.policy = _resolve_policy(policy, session, responses is None)
+        self._given = _check_responses(responses, self.prompts, k)
+        self.ties, self.seed = bool(ties), seed
+        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        self.store = PreferenceStore(file)  # DataError for a missing folder or foreign records: nothing written
+        self._answers: dict[int, list[str]] = {}
+        self.index: int | None = None
+        self._replacing: dict | None = None
+        self.cards = Cards(self._guard(self._refresh), title or "Rank the answers", labeler)
+        self.cards.on_button("submit", self._guard(self._submit_widgets))
+        self.cards.on_button("skip", self._guard(self.skip))
+        self.cards.on_button("back", self._guard(self.back))
+        self.cards.on_button("undo", self._guard(self.undo))
+        self.cards.on_labeler(self._guard(self._labeler_changed))
+        self.goto(self._next_pending(-1, include_current=True))
+        if self.index is not None and self._replacing is None:
+            self.cards.say(f"Give each answer a rank (1 = best), then Submit. Saved to {self.store.path.name}.")
+
+    # ---- what scripts and simulated labelers use -------------------------------------------------------------
+    @property
+    def labeler(self) -> str:
+        return self.cards.labeler.value.strip() or "anonymous"
+
+    @labeler.setter
+    def labeler(self, name: str) -> None:
+        self.cards.labeler.value = name  # re-reads which prompts this labeler still has to rank
+
+    @property
+    def preferences(self) -> Preferences:
+        return self.store.preferences()
+
+    @property
+    def current_prompt(self) -> str | None:
+        return None if self.index is None else self.prompts[self.index]
+
+    @property
+    def current_responses(self) -> list[str]:
+        return list(self.cards.responses)
+
+    @property
+    def pending(self) -> list[int]:
+        done = self.store.labelled(self.labeler)
+        return [i for i, p in enumerate(self.prompts) if p not in done]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    @property
+    def responses(self) -> list[list[str]]:
+        """The answers of every prompt (samples the ones not shown yet): reuse them in a second panel."""
+        return [self._answers_for(i) for i in range(len(self.prompts))]
+
+    def submit(self, ranking: Any = None, *, flag: bool | None = None, comment: str | None = None) -> dict:
+        """Exactly what clicking the rank buttons and Submit does. `ranking`: indices best first, ties nested."""
+        if self.index is None:
+            raise DataError("every prompt is labelled; use back() or undo() to change an earlier ranking")
+        if ranking is not None:
+            groups = parse_ranking(ranking, len(self.cards.responses), "submit")
+            if any(len(g) > 1 for g in groups) and not self.cards.ties:
+                raise DataError(f"submit: ranking {ranking!r} has a tie, but this panel has ties=False")
+            self.cards.set_groups(groups)
+        if flag is not None:
+            self.cards.flag.value = bool(flag)
+        if comment is not None:
+            self.cards.comment.value = str(comment)
+        return self._submit_widgets()
+
+    def skip(self) -> None:
+        """Leave this prompt unlabelled for now (it comes back after the others, and on resume)."""
+        nxt = self._next_pending(self.index if self.index is not None else -1)
+        self.goto(nxt)
+        if nxt is not None and nxt == self.index and self.cards.groups() is None:
+            self.cards.say("This is the only prompt left to label.")
+
+    def back(self) -> None:
+        """Show the previous prompt; a ranking already saved there is shown and can be replaced."""
+        if self.index == 0:
+            self.cards.say("This is the first prompt.")
+            return
+        self.goto(len(self.prompts) - 1 if self.index is None else self.index - 1)
+
+    def undo(self) -> dict | None:
+        """Retract this labeler's newest ranking (a retraction record; the file is never rewritten)."""
+        ours = set(self.prompts)
+        target = next(
+            (r for r in reversed(self.store.refresh()) if r.get("labeler") == self.labeler and r["prompt"] in ours),
+            None,
+        )
+        if target is None:
+            self.cards.say("Nothing to undo.")
+            return None
+        self.store.retract(target, self.labeler, "undo")
+        i = self.prompts.index(target["prompt"])
+        self._answers[i] = list(target["responses"])
+        self.goto(i)
+        self.cards.fill(target)  # the retracted ranking, pre-filled: fix it and Submit again
+        self.cards.say(f"Undone: {describe(target)}. Change it and Submit again, or Skip.")
+        return target
+
+    def goto(self, i: int | None) -> None:
+        """Show prompt `i` (None: the all-done screen)."""
+        self.index, self._replacing = i, None
+        if i is None:
+            self.cards.show_done(len(self.prompts))
+            self._refresh()
+            return
+        prompt = self.prompts[i]
+        saved = self.store.find(self.labeler, prompt)
+        answers = list(saved["responses"]) if saved else self._answers_for(i)
+        self.cards.show(prompt, answers, i, len(self.prompts), self.ties or len(answers) == 2)
+        if saved:
+            self._replacing = saved
+            self.cards.fill(saved)
+            self.cards.say(f"Already labelled: {describe(saved)}. Submit replaces it; Skip moves on.")
+        self._refresh()
+
+    # ---- internals ---------------------------------------------------------------------------------------------
+    def _submit_widgets(self) -> dict:
+        groups = self.cards.groups()
+        if self.index is None or groups is None:
+            raise DataError("the ranking is incomplete: give every answer a rank before you submit")
+        prompt = self.prompts[self.index]
+        old = self.store.find(self.labeler, prompt)  # also catches a ranking made in another panel meanwhile
+        record = {
+            "kind": RANKING,
+            "id": new_id(),
+            "prompt": prompt,
+            "responses": list(self.cards.responses),
+            "ranking": format_ranking(groups),
+            "labeler": self.labeler,
+            "time": now_iso(),
+            "flags": [ALL_BAD] if self.cards.flag.value else [],
+            "comment": self.cards.comment.value.strip(),
+            "policy": _policy_name(self.policy),
+        }
+        if old is not None:
+            record["replaces"] = old["id"]
+        self.store.append(record)
+        self.goto(self._next_pending(self.index))
+        verb = "Replaced" if old is not None else "Saved"
+        self.cards.say(f"{verb} {describe(record)} for prompt {self.prompts.index(prompt) + 1}.", ok=True)
+        return record
+
+    def _labeler_changed(self) -> None:
+        """Another labeler: show the first prompt (from here on) that this labeler has not ranked."""
+        here = -1 if self.index is None else self.index
+        self.goto(self._next_pending(here, include_current=True))
+        self.cards.say(f"Labelling as {self.labeler}: {len(self.pending)} prompt(s) left.")
+
+    def _next_pending(self, after: int, include_current: bool = False) -> int | None:
+        """The first unlabelled prompt after `after`, wrapping around; `after` itself only if it is the last."""
+        pending = self.pending
+        if not pending:
+            return None
+        later = [i for i in pending if i > after or (include_current and i == after)]
+        rest = [i for i in pending if i < after]
+        order = later + rest + ([after] if after in pending else [])
+        return order[0]
+
+    def _answers_for(self, i: int) -> list[str]:
+        if i in self._answers:
+            return self._answers[i]
+        if self._given is not None:
+            answers = self._given[i]
+        else:
+            self.cards.say(f"Sampling {self.k} answers from {_policy_name(self.policy)}…")
+            seed = None if self.seed is None else self.seed + i  # the same answers for prompt i on every run
+            out = self.policy.sample([self.prompts[i]], self.k, seed=seed, **self.sampling)
+            if len(out) != 1 or len(out[0]) != self.k:
+                raise DataError(f"the policy returned {len(out[0]) if out else 0} answers, expected {self.k}")
+            answers = [str(a) for a in out[0]]
+        self._answers[i] = answers
+        return answers
+
+    def _refresh(self) -> None:
+        labelled = len(self.prompts) - len(self.pending)
+        self.cards.update(labelled, len(self.prompts), self.index, self._replacing is not None)
+
+    def _guard(self, fn: Callable[[], Any]) -> Callable[..., None]:
+        """A widget callback that shows errors in the panel instead of losing them."""
+
+        def handler(*_: Any) -> None:
+            try:
+                fn()
+            except RLHFError as e:
+                self.cards.say(str(e), error=True)
+            except Exception as e:
+                self.cards.say(f"{type(e).__name__}: {e} (details below)", error=True)
+                with self.cards.log:
+                    traceback.print_exc()
+
+        return handler
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.cards.root)
+
+    def __repr__(self) -> str:
+        done = len(self.prompts) - len(self.pending)
+        return f"<RankingPanel {done}/{len(self.prompts)} labelled by {self.labeler!r} -> {self.store.path}>"
+
+
+def _unique(prompts: list[str]) -> list[str]:
+    out = list(dict.fromkeys(prompts))
+    if len(out) < len(prompts):
+        warnings.warn(f"prompts: {len(prompts) - len(out)} duplicate prompt(s) dropped", stacklevel=3)
+    return out
+
+
+def _check_options(k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any) -> int:
+    k = 4 if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 9:
+        raise ConfigError(f"k = {k!r}: the number of answers per prompt must be an integer from 2 to 9")
+    if not isinstance(ties, bool):
+        raise ConfigError(f"ties = {ties!r}: use True or False")
+    if not isinstance(labeler, str):
+        raise ConfigError(f"labeler = {labeler!r}: give the labeler's name as a string")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"temperature = {temperature!r}: use a number >= 0 (0 is greedy: K identical answers)")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"top_p = {top_p!r}: use a number in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed = {seed!r}: use an integer or None")
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise ConfigError(f"max_new_tokens = {max_new!r}: use a positive integer")
+    return k
+
+
+def _resolve_policy(policy: Any, session: Any, needed: bool) -> Any:
+    """The policy handle (a session name is looked up); with responses= it only names the answers' source."""
+    if isinstance(policy, str) and needed:
+        if session is None:
+            raise ConfigError(f"policy = {policy!r}: pass the %%sft result itself (no session to look names up in)")
+        policy = session[policy]  # RLHFError with a did-you-mean when the name is unknown
+    if policy is None:
+        if needed:
+            raise ConfigError("%rank needs policy=<an %%sft result> to sample answers, or responses=[[...], ...]")
+        return None
+    if needed and not callable(getattr(policy, "sample", None)):
+        raise ConfigError(f"policy = {policy!r} is not a policy (it has no .sample); pass an %%sft result")
+    return policy
+
+
+def _check_responses(responses: Any, prompts: list[str], k: int | None) -> list[list[str]] | None:
+    if responses is None:
+        return None
+    if isinstance(responses, dict):
+        missing = [p for p in prompts if p not in responses]
+        if missing:
+            raise ConfigError(f"responses has no answers for prompt {missing[0]!r}")
+        responses = [responses[p] for p in prompts]
+    if isinstance(responses, (str, bytes)) or not isinstance(responses, Sequence) or len(responses) != len(prompts):
+        raise ConfigError(f"responses must be a list with one list of answers per prompt ({len(prompts)} prompts)")
+    out = []
+    for i, answers in enumerate(responses):
+        if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
+            raise ConfigError(f"responses[{i}] must be a list of answer strings")
+        if not 2 <= len(answers) <= 9 or (k is not None and len(answers) != k):
+            want = f"k = {k}" if k is not None else "2 to 9"
+            raise ConfigError(f"responses[{i}] has {len(answers)} answers; expected {want}")
+        if not all(isinstance(a, str) for a in answers):
+            raise ConfigError(f"responses[{i}]: every answer must be a string")
+        out.append(list(answers))
+    return out
+
+
+def _policy_name(policy: Any) -> str | None:
+    if policy is None or isinstance(policy, str):
+        return policy
+    return str(getattr(policy, "name", type(policy).__name__))
