@@ -156,12 +156,21 @@ class RankingPanel:
         """Show prompt `i` (None: the all-done screen)."""
         self.index, self._replacing = i, None
         if i is None:
-            self.cards.show_done(len(self.prompts))
+            self.cards.show_note(
+                f"<b>All {len(self.prompts)} prompts are labelled.</b> Back shows earlier ones; "
+                f"the panel's <code>.preferences</code> has every ranking in the file."
+            )
             self._refresh()
             return
         prompt = self.prompts[i]
         saved = self.store.find(self.labeler, prompt)
-        answers = list(saved["responses"]) if saved else self._answers_for(i)
+        try:
+            answers = list(saved["responses"]) if saved else self._answers_for(i)
+        except Exception:
+            # never leave the previous prompt's answers on screen under this prompt: nothing can be submitted
+            self.cards.show_note(f"Prompt {i + 1}: could not get answers (see the error below). Skip moves on.")
+            self._refresh()
+            raise
         self.cards.show(prompt, answers, i, len(self.prompts), self.ties or len(answers) == 2)
         if saved:
             self._replacing = saved

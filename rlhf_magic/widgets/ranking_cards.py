@@ -130,13 +130,11 @@ class Cards:
             card.layout.width = "50%"
         return self._tag(card, "card")
 
-    def show_done(self, n: int) -> None:
+    def show_note(self, message_html: str) -> None:
+        """No cards, just a message (all done, or answers that could not be sampled)."""
         self._clear()
         self.responses = []
-        self.prompt.value = (
-            f"<div style='font-size:1.1em'><b>All {n} prompts are labelled.</b> Back shows earlier ones; "
-            f"the panel's <code>.preferences</code> has every ranking in the file.</div>"
-        )
+        self.prompt.value = f"<div style='font-size:1.1em'>{message_html}</div>"
 
     def _clear(self) -> None:
         old = [*self.ranks, self.choice]

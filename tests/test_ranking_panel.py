@@ -1,0 +1,348 @@
+"""The ranking panel driven through its widgets (`.value`, `Button.click()`) and its scripted methods.
+
+No browser: ipywidgets objects work without a front end. tests/browser/ does the same with real clicks.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from rlhf_magic import RankingPanel, labelers, load_preferences
+from rlhf_magic.errors import ConfigError, DataError
+from rlhf_magic.widgets import ranking_store
+
+PROMPTS = ["What is RLHF?", "Name a colour.", "Say hi."]
+
+
+class FakePolicy:
+    """Same interface as PolicyHandle.sample; answers are predictable and calls are recorded."""
+
+    name = "fake-sft"
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[list[str], int, int | None, float]] = []
+        self.fail_on = fail_on
+
+    def sample(self, prompts, k, max_new_tokens=64, temperature=0.7, top_p=1.0, seed=None):
+        self.calls.append((list(prompts), k, seed, temperature))
+        if self.fail_on in prompts:
+            raise RuntimeError("generation failed")
+        return [[f"{p} / answer {j}" + "." * j for j in range(k)] for p in prompts]
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "prefs.jsonl"
+
+
+def panel(path, **kw):
+    kw.setdefault("prompts", PROMPTS)
+    if "responses" not in kw:
+        kw.setdefault("policy", FakePolicy())
+    return RankingPanel(file=path, labeler=kw.pop("labeler", "ann"), **kw)
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def click_ranks(p, ranks):
+    for j, r in ranks.items():
+        p.cards.ranks[j].value = str(r)
+
+
+def test_submit_stays_disabled_until_the_ranking_is_complete(path):
+    p = panel(path)
+    submit = p.cards.buttons["submit"]
+    assert submit.disabled and "0 / 3" in p.cards.progress.value
+    click_ranks(p, {0: 2, 1: 1})
+    assert submit.disabled and "2 of 4 ranked" in p.cards.summary.value
+    submit.click()  # a click that slips through (Button.click ignores `disabled`) must not save
+    assert not path.exists() and "incomplete" in p.cards.status.value
+    click_ranks(p, {2: 4})  # the last free rank (3) fills itself in
+    assert [tb.value for tb in p.cards.ranks] == ["2", "1", "4", "3"] and not submit.disabled
+    assert "Your ranking: <b>B > A > D > C</b>" in p.cards.summary.value
+    submit.click()
+    (record,) = lines(path)
+    assert record["ranking"] == [1, 0, 3, 2] and record["prompt"] == PROMPTS[0]
+    assert record["responses"] == [f"{PROMPTS[0]} / answer {j}" + "." * j for j in range(4)]
+    assert (record["kind"], record["labeler"], record["policy"], record["flags"]) == ("ranking", "ann", "fake-sft", [])
+    assert record["id"] and record["time"].endswith("+00:00")
+    assert p.current_prompt == PROMPTS[1] and "1 / 3" in p.cards.progress.value and "Saved" in p.cards.status.value
+
+
+def test_picking_a_taken_rank_swaps(path):
+    p = panel(path)
+    click_ranks(p, {0: 1, 1: 2})
+    p.cards.ranks[2].value = "1"  # card C takes rank 1: card A gets C's old rank (none), nothing else changes
+    assert [tb.value for tb in p.cards.ranks] == ["–", "2", "1", "–"]
+    p.cards.ranks[0].value = "2"  # A takes 2 from B; B gets A's old rank (none)
+    assert [tb.value for tb in p.cards.ranks] == ["2", "–", "1", "–"] and p.cards.groups() is None
+
+
+def test_every_submit_appends_and_fsyncs(path, monkeypatch):
+    synced = []
+    real = ranking_store.os.fsync
+    monkeypatch.setattr(ranking_store.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    p = panel(path)
+    p.submit([0, 1, 2, 3])
+    first = path.read_bytes()
+    p.submit([3, 2, 1, 0])
+    assert path.read_bytes().startswith(first) and len(lines(path)) == 2
+    assert len(synced) >= 2  # one fsync per record (plus the folder's on creation)
+
+
+def test_flag_comment_and_ties(path):
+    p = panel(path, ties=True)
+    click_ranks(p, {0: 1, 1: 1, 2: 2})
+    assert p.cards.groups() is None  # ties on: no auto-fill, D is still unranked
+    click_ranks(p, {3: 2})
+    p.cards.flag.value, p.cards.comment.value = True, "  all wrong  "
+    p.cards.buttons["submit"].click()
+    (record,) = lines(path)
+    assert record["ranking"] == [[0, 1], [2, 3]]
+    assert record["flags"] == ["all_bad"] and record["comment"] == "all wrong"
+    assert p.cards.flag.value is False  # reset for the next prompt
+    assert load_preferences(path).ranked()[0].groups == [[0, 1], [2, 3]]
+
+
+def test_ties_are_refused_without_ties_true(path):
+    p = panel(path)
+    with pytest.raises(DataError, match="has a tie, but this panel has ties=False"):
+        p.submit([0, [1, 2], 3])
+    assert not path.exists()
+
+
+def test_pairwise_choice_with_tie(path):
+    p = panel(path, responses=[["yes", "no"], ["up", "down"], ["x", "y"]])
+    assert p.cards.ranks == [] and list(p.cards.choice.options) == ["A is better", "Tie", "B is better"]
+    assert p.cards.buttons["submit"].disabled
+    p.cards.choice.value = "B is better"
+    p.cards.buttons["submit"].click()
+    p.cards.choice.value = "Tie"
+    p.cards.buttons["submit"].click()
+    p.submit([0, 1])
+    assert [r["ranking"] for r in lines(path)] == [[1, 0], [[0, 1]], [0, 1]]
+    assert [r["policy"] for r in lines(path)] == [None, None, None]
+    assert load_preferences(path).to_pairs() == [
+        {"prompt": PROMPTS[0], "chosen": "no", "rejected": "yes"},
+        {"prompt": PROMPTS[2], "chosen": "x", "rejected": "y"},
+    ]
+
+
+def test_answers_are_sampled_lazily_one_batched_call_per_prompt(path):
+    policy = FakePolicy()
+    p = panel(path, policy=policy, k=3, seed=10, temperature=0.9)
+    assert policy.calls == [([PROMPTS[0]], 3, 10, 0.9)]
+    p.submit([0, 1, 2])
+    assert policy.calls[-1] == ([PROMPTS[1]], 3, 11, 0.9) and len(policy.calls) == 2
+    p.back()  # a labelled prompt shows its saved answers: no new sampling
+    assert len(policy.calls) == 2 and p.current_responses == lines(path)[0]["responses"]
+
+
+def test_skip_leaves_the_prompt_for_later(path):
+    p = panel(path)
+    p.cards.buttons["skip"].click()
+    assert p.current_prompt == PROMPTS[1] and not path.exists()
+    p.submit([0, 1, 2, 3])
+    p.submit([0, 1, 2, 3])  # prompt 3
+    assert p.current_prompt == PROMPTS[0]  # the skipped one comes back
+    p.submit([1, 0, 2, 3])
+    assert p.done and p.current_prompt is None and p.cards.buttons["submit"].disabled
+    assert "All 3 prompts are labelled" in p.cards.prompt.value and "3 / 3" in p.cards.progress.value
+
+
+def test_undo_appends_a_retraction_and_reopens_the_prompt(path):
+    p = panel(path)
+    p.submit([2, 0, 1, 3])
+    p.submit([0, 1, 2, 3])
+    before = path.read_bytes()
+    p.cards.buttons["undo"].click()
+    assert path.read_bytes().startswith(before)  # never rewritten
+    last = lines(path)[-1]
+    assert last["kind"] == "retraction" and last["retracts"] == lines(path)[1]["id"]
+    assert [r["prompt"] for r in load_preferences(path).records] == [PROMPTS[0]]
+    assert p.current_prompt == PROMPTS[1] and [tb.value for tb in p.cards.ranks] == ["1", "2", "3", "4"]
+    assert "Undone" in p.cards.status.value and "1 / 3" in p.cards.progress.value
+    p.undo()
+    p.undo()
+    assert "Nothing to undo" in p.cards.status.value and len(load_preferences(path, allow_empty=True)) == 0
+
+
+def test_back_shows_the_saved_ranking_and_submit_replaces_it(path):
+    p = panel(path)
+    p.submit([2, 0, 1, 3], flag=True, comment="meh")
+    p.cards.buttons["back"].click()
+    assert p.current_prompt == PROMPTS[0] and p.cards.buttons["submit"].description == "Replace"
+    assert [tb.value for tb in p.cards.ranks] == ["2", "3", "1", "4"] and p.cards.flag.value
+    p.cards.ranks[3].value = "1"  # D first now; C takes D's old rank 4
+    p.cards.buttons["submit"].click()
+    first, second = lines(path)
+    assert second["replaces"] == first["id"] and second["ranking"] == [3, 0, 1, 2] and second["comment"] == "meh"
+    assert [r["id"] for r in load_preferences(path).records] == [second["id"]]
+    assert p.cards.buttons["back"].disabled is False
+    p.back()
+    p.back()
+    assert p.current_prompt == PROMPTS[0] and "first prompt" in p.cards.status.value
+
+
+def test_resume_skips_prompts_this_labeler_already_ranked(path):
+    p = panel(path)
+    p.submit([0, 1, 2, 3])
+    again = panel(path)
+    assert again.current_prompt == PROMPTS[1] and again.pending == [1, 2] and "1 / 3" in again.cards.progress.value
+    other = panel(path, labeler="bob")
+    assert other.current_prompt == PROMPTS[0] and other.pending == [0, 1, 2]
+    other.labeler = "ann"  # typing another name re-reads what that labeler has left
+    assert other.current_prompt == PROMPTS[1] and "Labelling as ann" in other.cards.status.value
+
+
+def test_torn_last_line_is_kept_and_the_next_record_starts_a_new_line(path):
+    p = panel(path)
+    p.submit([0, 1, 2, 3])
+    with open(path, "a") as f:
+        f.write('{"kind": "ranking", "prompt": "Name a col')  # a crash in the middle of a write
+    before = path.read_bytes()
+    with pytest.warns(UserWarning, match="line 2: skipped a torn record"):
+        resumed = panel(path)
+    assert resumed.current_prompt == PROMPTS[1]
+    resumed.submit([3, 2, 1, 0])
+    assert path.read_bytes().startswith(before + b"\n")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        prefs = load_preferences(path)
+    assert [r["ranking"] for r in prefs.records] == [[0, 1, 2, 3], [3, 2, 1, 0]]
+
+
+def test_two_panels_on_one_file(path):
+    ann, bob = panel(path), panel(path, labeler="bob")
+    ann.submit([0, 1, 2, 3])
+    bob.submit([3, 2, 1, 0])
+    ann.submit([1, 0, 2, 3])
+    bob.undo()  # bob's own newest record, not ann's newer one
+    recs = lines(path)
+    assert [r["labeler"] for r in recs] == ["ann", "bob", "ann", "bob"]
+    assert recs[-1]["kind"] == "retraction" and recs[-1]["retracts"] == recs[1]["id"]
+    assert [(r["labeler"], r["prompt"]) for r in load_preferences(path).records] == [
+        ("ann", PROMPTS[0]),
+        ("ann", PROMPTS[1]),
+    ]
+    ann2 = panel(path)  # a second panel of the same labeler: it sees what the first one saved
+    ann.submit([0, 1, 2, 3])  # prompt 3, saved by the first panel after the second opened
+    ann2.skip()
+    assert ann2.done and ann2.current_prompt is None
+
+
+def test_same_prompt_ranked_in_two_panels_is_replaced_not_duplicated(path):
+    a, b = panel(path), panel(path)
+    a.submit([0, 1, 2, 3])
+    b.submit([3, 2, 1, 0])  # b still showed prompt 1: its ranking replaces a's
+    assert lines(path)[1]["replaces"] == lines(path)[0]["id"]
+    assert [r["ranking"] for r in load_preferences(path).records] == [[3, 2, 1, 0]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompts": []}, DataError, "prompts is empty"),
+        ({"prompts": ["ok", "  "]}, DataError, "prompt 1 is empty"),
+        ({"k": 1}, ConfigError, "k = 1: the number of answers per prompt must be an integer from 2 to 9"),
+        ({"k": 10}, ConfigError, "k = 10"),
+        ({"k": "4"}, ConfigError, "k = '4'"),
+        ({"temperature": -1}, ConfigError, "temperature = -1"),
+        ({"ties": "yes"}, ConfigError, "ties = 'yes'"),
+        ({"policy": None}, ConfigError, "needs policy="),
+        ({"policy": 42}, ConfigError, "not a policy"),
+        ({"policy": "sft"}, ConfigError, "pass the %%sft result itself"),
+        ({"responses": [["a", "b"]]}, ConfigError, "one list of answers per prompt"),
+        ({"responses": [["a"], ["b", "c"], ["d", "e"]]}, ConfigError, r"responses\[0\] has 1 answers"),
+        ({"responses": [["a", "b"]] * 3, "k": 3}, ConfigError, "expected k = 3"),
+        ({"lables": "x"}, ConfigError, "unknown option 'lables' \\(did you mean 'labeler'\\?\\)"),
+        ({"prompts": None}, ConfigError, "needs prompts="),
+    ],
+)
+def test_bad_options_give_one_line_errors(path, kwargs, error, message):
+    with pytest.raises(error, match=message) as info:
+        panel(path, **kwargs)
+    assert "\n" not in str(info.value) and not path.exists()
+
+
+def test_bad_files_are_refused_and_left_untouched(tmp_path):
+    with pytest.raises(DataError, match=r"the folder .* does not exist"):
+        panel(tmp_path / "missing" / "prefs.jsonl")
+    with pytest.raises(DataError, match=r"use a \.jsonl name"):
+        panel(tmp_path / "prefs.csv")
+    foreign = tmp_path / "sft.jsonl"
+    foreign.write_text('{"prompt": "hi", "response": "hello"}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl, line 1: not a preference record"):
+        panel(foreign)
+    assert foreign.read_text() == '{"prompt": "hi", "response": "hello"}\n'
+
+
+def test_a_file_that_turns_foreign_is_not_appended_to(path):
+    p = panel(path)
+    p.submit([0, 1, 2, 3])
+    with open(path, "a") as f:
+        f.write('{"text": "someone else wrote here"}\n')
+    before = path.read_bytes()
+    p.cards.ranks[0].value = "1"
+    p.cards.ranks[1].value = "2"
+    p.cards.ranks[2].value = "3"
+    p.cards.buttons["submit"].click()
+    assert path.read_bytes() == before and "line 2: not a preference record" in p.cards.status.value
+
+
+def test_scripted_submit_validates_the_ranking(path):
+    p = panel(path)
+    for bad, message in [([0, 1, 2], "incomplete"), ([0, 1, 1, 3], "twice"), ([0, 1, 2, 7], "out of range")]:
+        with pytest.raises(DataError, match=message):
+            p.submit(bad)
+    assert not path.exists()
+
+
+def test_policy_errors_show_in_the_panel_and_block_submit(path):
+    p = panel(path, policy=FakePolicy(fail_on=PROMPTS[1]))
+    click_ranks(p, {0: 1, 1: 2, 2: 3})
+    p.cards.buttons["submit"].click()
+    assert len(lines(path)) == 1  # the ranking was saved before the next prompt failed
+    assert "RuntimeError: generation failed" in p.cards.status.value
+    assert p.current_responses == [] and p.cards.buttons["submit"].disabled
+    p.skip()
+    assert p.current_prompt == PROMPTS[2]
+
+
+def test_simulated_labeler_fills_a_panel_and_two_agree(path):
+    first = panel(path, k=4)
+    assert labelers.prefers_shorter().label(first) == 3 and first.done
+    second = panel(path, responses=first.responses, policy="fake-sft")
+    labelers.prefers_longer().label(second)
+    prefs = load_preferences(path)
+    assert prefs.labelers == ["sim:longer", "sim:shorter"] and len(prefs.to_pairs()) == 2 * 3 * 6
+    agr = prefs.agreement()
+    assert agr.prompts == 3 and agr.compared == 18 and agr.rate == 0.0  # opposite rules disagree on every pair
+
+
+def test_rank_magic_opens_and_binds_the_panel(ip, path):
+    ip.user_ns["ps"] = PROMPTS
+    ip.user_ns["answers"] = [["a", "b", "c"]] * 3
+    out = ip.run_line_magic("rank", f'prefs prompts=ps responses=answers file="{path}" labeler="kim"')
+    assert isinstance(out, RankingPanel) and ip.user_ns["prefs"] is out and out.labeler == "kim"
+    data, _ = ip.display_formatter.format(out.cards.root)
+    assert "application/vnd.jupyter.widget-view+json" in data
+    res = ip.run_cell(f'%rank bad prompts=ps k=12 file="{path}"')
+    assert not res.success and "k = 12" in str(res.error_in_exec) and "\n" not in str(res.error_in_exec)
+
+
+@pytest.mark.slow
+def test_real_tiny_policy_samples_k_answers(path):
+    pytest.importorskip("torch")
+    from rlhf_magic.api import load_policy
+
+    policy = load_policy("tiny", name="tiny")
+    p = panel(path, policy=policy, k=3, max_new_tokens=8, seed=0)
+    assert len(p.current_responses) == 3 and all(isinstance(a, str) for a in p.current_responses)
+    p.submit([2, 1, 0])
+    assert lines(path)[0]["policy"] == "tiny" and lines(path)[0]["responses"] == p.preferences.records[0]["responses"]
