@@ -152,7 +152,7 @@ def test_skip_leaves_the_prompt_for_later(path):
     assert p.current_prompt == PROMPTS[0]  # the skipped one comes back
     p.submit([1, 0, 2, 3])
     assert p.done and p.current_prompt is None and p.cards.buttons["submit"].disabled
-    assert "All 3 prompts are labelled" in p.cards.prompt.value and "3 / 3" in p.cards.progress.value
+    assert "Done: all 3 prompts labelled" in p.cards.prompt.value and "3 / 3" in p.cards.progress.value
 
 
 def test_undo_appends_a_retraction_and_reopens_the_prompt(path):

@@ -68,7 +68,10 @@ class RankingPanel:
         self.cards.on_labeler(self._guard(self._labeler_changed))
         self.goto(self._next_pending(-1, include_current=True))
         if self.index is not None and self._replacing is None:
-            self.cards.say(f"Give each answer a rank (1 = best), then Submit. Saved to {self.store.path.name}.")
+            how = (
+                "Pick the better answer (or Tie)" if len(self.cards.responses) == 2 else "Rank every answer (1 = best)"
+            )
+            self.cards.say(f"{how}, then Submit. Each Submit is saved to {self.store.path.name} at once.")
 
     # ---- what scripts and simulated labelers use -------------------------------------------------------------
     @property
@@ -157,7 +160,7 @@ class RankingPanel:
         self.index, self._replacing = i, None
         if i is None:
             self.cards.show_note(
-                f"<b>All {len(self.prompts)} prompts are labelled.</b> Back shows earlier ones; "
+                f"<b>Done: {_count(len(self.prompts), 'prompt')} labelled.</b> Back shows earlier ones; "
                 f"the panel's <code>.preferences</code> has every ranking in the file."
             )
             self._refresh()
@@ -263,6 +266,10 @@ class RankingPanel:
     def __repr__(self) -> str:
         done = len(self.prompts) - len(self.pending)
         return f"<RankingPanel {done}/{len(self.prompts)} labelled by {self.labeler!r} -> {self.store.path}>"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"all {n} {noun}s"
 
 
 def _unique(prompts: list[str]) -> list[str]:

@@ -16,6 +16,11 @@ LETTERS = "ABCDEFGHI"
 UNSET = "–"
 PAIR = {"A is better": [[0], [1]], "Tie": [[0, 1]], "B is better": [[1], [0]]}
 BORDER = {"unset": "1px dashed #bbb", "set": "1px solid #888", "best": "2px solid #2e7d32"}
+# the chosen rank stands out (front ends that drop <style> in widget HTML still show ipywidgets' own highlight)
+CSS = (
+    "<style>.rlhf-rank .mod-active, .rlhf-choice .mod-active"
+    "{background:#1565c0 !important;color:#fff !important;font-weight:bold}</style>"
+)
 
 
 def describe(obj: Any) -> str:
@@ -70,6 +75,7 @@ class Cards:
         self.root = self._tag(
             W.VBox(
                 [
+                    W.HTML(CSS),
                     head,
                     self.prompt,
                     self.cards,

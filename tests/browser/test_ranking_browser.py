@@ -84,6 +84,7 @@ def test_rank_by_clicks_and_submit(page, jupyter_server, ui):
     pair.scroll_into_view_if_needed()
     expect(pair.locator(".rlhf-submit")).to_be_disabled()
     pair.locator(".rlhf-choice").get_by_role("button", name="B is better", exact=True).click()
+    pair.screenshot(path=str(SCREENSHOTS / f"ranking-pairwise-{ui}.png"))
     pair.locator(".rlhf-submit").click()
     expect(pair.locator(".rlhf-status")).to_contain_text("Saved B > A", timeout=30_000)
     (pair_rec,) = records(pair_out)
