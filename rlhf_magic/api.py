@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from .config import SFTConfig, build_config
+from .config import RewardConfig, SFTConfig, build_config
 from .errors import ConfigError
 from .events import Callback, StopControl
 
@@ -29,7 +30,7 @@ def _flat(values: dict[str, Any], config: Any) -> dict[str, Any]:
 
 def _views(stage: str, name: str, progress: bool, callbacks: Sequence[Callback], stop: StopControl) -> list:
     views = list(callbacks)
-    if progress:
+    if progress and os.environ.get("RANK", "0") == "0":  # under accelerate launch only the main process shows it
         from .widgets.live import live_view
 
         views.insert(0, live_view(stage, f"%%{stage} {name}", stop))
@@ -78,6 +79,56 @@ def load_policy(
     runtime = resolve_runtime(session, device=device, precision=precision)
     lm = runtime.load(model)
     handle = PolicyHandle(name or "base", "base", lm, None, None, (model,), runtime)
+    if session is not None:
+        session.add(handle)
+    return handle
+
+
+def reward(
+    name: str = "reward",
+    *,
+    config: RewardConfig | None = None,
+    session: Any = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    stop: StopControl | None = None,
+    **settings: Any,
+) -> Any:
+    """A reward model trained from rankings. Returns a reward handle (`.score`, `.accuracy`, `.save`).
+
+    `model` defaults to the session's latest SFT result; `data` takes Preferences, a RankingPanel, ranking
+    records, prompt/chosen/rejected pairs, a Dataset, a DataFrame or a path.
+    """
+    import dataclasses
+
+    from .engine.reward import train_reward
+    from .engine.runtime import resolve_runtime
+
+    cfg = _config(RewardConfig, config, settings)
+    if cfg.model is None:
+        latest = session.latest("policy", "sft") if session is not None else None
+        if latest is None:
+            raise ConfigError(
+                "model is not set and this session has no SFT result yet; run %%sft first or set "
+                "model = <an SFT handle or a model name>"
+            )
+        cfg = dataclasses.replace(cfg, model=latest)
+    if cfg.data is None:
+        raise ConfigError("data is required: Preferences from the ranking panel, ranking records or pairs, or a path")
+    runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision)
+    stop = stop or StopControl()
+    handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop), stop)
+    if session is not None:
+        session.add(handle)
+    return handle
+
+
+def load_reward(path: str, name: str | None = None, *, session: Any = None, device: str | None = None) -> Any:
+    """A reward handle saved with `.save(path)`."""
+    from .engine.reward_model import load_reward as _load
+    from .engine.runtime import resolve_runtime
+
+    handle = _load(path, resolve_runtime(session, device=device), name)
     if session is not None:
         session.add(handle)
     return handle

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["start", "step", "eval", "samples", "warning", "end"]
+Kind = Literal["start", "step", "eval", "samples", "histogram", "warning", "end"]
 
 
 @dataclass
@@ -22,7 +22,8 @@ class Event:
     """One thing that happened in a training run.
 
     kind: start (payload: config, total steps), step (metrics of one optimizer step), eval (held-out metrics),
-    samples (payload: rows of text to show), warning (payload: message), end (payload: reason).
+    samples (payload: rows of text to show), histogram (payload: title, xlabel, series of values),
+    warning (payload: message), end (payload: reason).
     """
 
     kind: Kind

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .adapters import merged_copy, use_adapter
+from .adapters import adapter_parameters, merged_copy, use_adapter
 from .generation import decode, sample
 from .models import LoadedModel
 from .runtime import Runtime
@@ -114,6 +114,10 @@ class PolicyHandle(Handle):
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 
+    def trainable_parameters(self) -> list[Any]:
+        """The weights this result owns: its LoRA adapter, or the whole model."""
+        return adapter_parameters(self.lm, self.adapter) if self.adapter else list(self.lm.model.parameters())
+
     def generate(
         self,
         prompts: str | list[str],
@@ -159,7 +163,7 @@ class PolicyHandle(Handle):
             **self.describe(),
             "base": self.lm.spec,
             "metrics": _jsonable(self.metrics.summary),
-            "config": _jsonable(dataclasses.asdict(self.config)) if dataclasses.is_dataclass(self.config) else None,
+            "config": config_summary(self.config),
         }
 
         def write(tmp: Path) -> None:
@@ -196,6 +200,25 @@ def atomic_dir(path: Path, write: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def config_summary(config: Any) -> dict[str, Any] | None:
+    """A config as JSON-able values; data, handles and callables become short descriptions."""
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if v is None or isinstance(v, (str, int, float, bool)):
+            out[f.name] = v
+        elif dataclasses.is_dataclass(v):
+            out[f.name] = dataclasses.asdict(v)
+        elif hasattr(v, "name") and hasattr(v, "kind"):
+            out[f.name] = f"<{v.kind} {v.name}>"
+        else:
+            size = f" of {len(v)}" if hasattr(v, "__len__") else ""
+            out[f.name] = f"<{type(v).__name__}{size}>"
+    return _jsonable(out)
 
 
 def _jsonable(obj: Any) -> Any:

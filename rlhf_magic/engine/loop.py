@@ -121,6 +121,8 @@ def run_steps(
             if not acc.sync_gradients:
                 continue
             state.step += 1
+            if acc.num_processes > 1:  # log the mean over processes, not the main process's share
+                sums = {k: acc.reduce(v, "mean") for k, v in sums.items()}
             row = {k: float(v) / micro for k, v in sums.items()}
             dt = time.monotonic() - t0
             row.update(

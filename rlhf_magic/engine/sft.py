@@ -58,7 +58,7 @@ def train_sft(
         cfg.max_steps,
     )
     emit.total = state.total_steps
-    emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "name": name})
+    emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
     # 5. the loop: one event per optimizer step, eval every ~10% and at the end
     evaluate = _evaluator(state, evals, cfg.batch_size, lm.tokenizer.pad_token_id) if evals else None
     lm.model.train()

@@ -1,0 +1,190 @@
+"""The reward model: the SFT backbone plus a scalar head read at the last real token (the EOS) of each answer."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import DataError, ModelError
+from .adapters import adapter_parameters, merged_copy, use_adapter
+from .handles import Handle, atomic_dir, config_summary
+from .models import LoadedModel
+from .modules import hidden_states
+from .runtime import Runtime
+from .text import encode, format_prompt
+
+HEAD_FILE = "reward_head.pt"
+
+
+def make_head(hidden: int, device: torch.device) -> nn.Linear:
+    """A scalar head initialised with std 1/sqrt(d+1) (as in lm-human-preferences) and zero bias."""
+    head = nn.Linear(hidden, 1).to(device)
+    nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def answer_ids(tokenizer: Any, prompt: str, response: str, max_length: int) -> list[int]:
+    """Chat-formatted prompt + answer + EOS; long ones lose the start of the prompt, never the EOS."""
+    ids = encode(tokenizer, format_prompt(tokenizer, prompt)) + encode(tokenizer, response) + [tokenizer.eos_token_id]
+    return ids[-max_length:]
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def last_token_scores(model: Any, head: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Raw scores [N]: the head on the hidden state of each row's last real token."""
+    hidden = hidden_states(model, ids, mask)
+    last = mask.long().cumsum(1).argmax(1)  # index of the last 1, for left or right padding alike
+    picked = hidden[torch.arange(ids.shape[0], device=ids.device), last]
+    return head(picked.float()).squeeze(-1)
+
+
+class RankingLoss(nn.Module):
+    """All K answers of each prompt in one forward pass; the InstructGPT loss over every ordered pair."""
+
+    def __init__(self, model: Any, head: nn.Module, margin: float):
+        super().__init__()
+        self.model, self.head, self.margin = model, head, margin
+
+    def forward(self, input_ids, attention_mask, winners, losers, weights):  # type: ignore[no-untyped-def]
+        scores = last_token_scores(self.model, self.head, input_ids, attention_mask)
+        loss = ops.pairwise_ranking_loss(scores, winners, losers, weights, self.margin)
+        acc = ops.pairwise_accuracy(scores.detach(), winners, losers, weights)
+        return loss, {"train/accuracy": acc}
+
+
+class RewardHandle(Handle):
+    """A trained reward model: `.score(prompts, responses)`, `.accuracy`, `.save(path)`."""
+
+    kind = "reward"
+
+    def __init__(
+        self,
+        name: str,
+        lm: LoadedModel,
+        adapter: str | None,
+        head: nn.Linear,
+        config: Any,
+        parents: Iterable[str],
+        runtime: Runtime,
+        max_length: int = 512,
+    ):
+        super().__init__(name, "reward", config, parents, runtime)
+        self.lm, self.adapter, self.head, self.max_length = lm, adapter, head, max_length
+        self.mean, self.gain = 0.0, 1.0  # normalisation: score = (raw - mean) * gain
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    @property
+    def accuracy(self) -> float | None:
+        """Held-out pairwise accuracy (train accuracy when nothing was held out)."""
+        s = self.metrics.summary
+        return s.get("eval/accuracy", s.get("train/accuracy"))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        body = adapter_parameters(self.lm, self.adapter) if self.adapter else list(self.lm.model.parameters())
+        return body + list(self.head.parameters())
+
+    @torch.no_grad()
+    def raw_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores of token rows (any padding side), in eval mode."""
+        with use_adapter(self.lm, self.adapter), self.runtime.autocast():
+            return last_token_scores(self.lm.model, self.head, ids, mask).float()
+
+    def score_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised scores [N] of token rows written with this model's tokenizer."""
+        return (self.raw_scores(ids, mask) - self.mean) * self.gain
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """One normalised score per (prompt, response), computed in batches."""
+        if len(prompts) != len(responses):
+            raise DataError(f"score() got {len(prompts)} prompts and {len(responses)} responses; give one each")
+        out: list[float] = []
+        tok, device = self.lm.tokenizer, self.runtime.device
+        for i in range(0, len(prompts), batch_size):
+            rows = [
+                answer_ids(tok, p, r, self.max_length)
+                for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+            ]
+            ids, mask = right_pad(rows, tok.pad_token_id)
+            out += self.score_tokens(ids.to(device), mask.to(device)).tolist()
+        return out
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.score(prompts, responses)
+
+    def save(self, path: str | Path) -> Path:
+        """Backbone (adapter merged) + head + normalisation; `rlhf_magic.load_reward(path)` reads it back."""
+        model = merged_copy(self.lm, self.adapter)
+        meta = {
+            **self.describe(),
+            "base": self.lm.spec,
+            "mean": self.mean,
+            "gain": self.gain,
+            "max_length": self.max_length,
+            "metrics": self.metrics.summary,
+            "config": config_summary(self.config),
+        }
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            self.lm.tokenizer.save_pretrained(tmp)
+            torch.save({k: v.detach().cpu() for k, v in self.head.state_dict().items()}, tmp / HEAD_FILE)
+            (tmp / "rlhf_magic.json").write_text(json.dumps(meta, indent=2, default=repr))
+
+        return atomic_dir(Path(path), write)
+
+    def _rows(self) -> list[tuple[str, str]]:
+        acc = self.accuracy
+        rows = [
+            ("base model", self.lm.spec),
+            ("weights", f"LoRA adapter {self.adapter} + scalar head" if self.adapter else "full model + head"),
+            ("held-out accuracy", f"{acc:.1%}" if acc is not None else "n/a"),
+            ("normalisation", f"score = (raw - {self.mean:.3f}) x {self.gain:.3f}"),
+        ]
+        return rows + super()._rows()
+
+
+def load_reward(path: str | Path, runtime: Runtime, name: str | None = None) -> RewardHandle:
+    """A reward model written by `RewardHandle.save`."""
+    path = Path(path).expanduser()
+    meta_file = path / "rlhf_magic.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if meta.get("kind") != "reward" or not (path / HEAD_FILE).exists():
+        raise ModelError(
+            f"{str(path)!r} is not a saved reward model (no {HEAD_FILE} / kind 'reward' in rlhf_magic.json)"
+        )
+    lm = runtime.load_fresh(str(path))
+    head = make_head(lm.model.config.hidden_size, runtime.device)
+    head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device))
+    handle = RewardHandle(
+        name or meta.get("name", "reward"),
+        lm,
+        None,
+        head,
+        None,
+        meta.get("parents", []),
+        runtime,
+        int(meta.get("max_length", 512)),
+    )
+    handle.mean, handle.gain = float(meta.get("mean", 0.0)), float(meta.get("gain", 1.0))
+    handle.metrics.summary.update(meta.get("metrics") or {})
+    return handle
