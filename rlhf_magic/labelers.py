@@ -22,7 +22,9 @@ Score = Callable[[str, str], float]  # (prompt, answer) -> higher is better
 
 
 class Labeler:
-    """Ranks answers by `score(prompt, answer)`, best first; equal scores tie (ties=True) or fall in random order."""
+    """Ranks answers by `score(prompt, answer)`, best first; equal scores tie (ties=True) or fall in random order.
+
+    Its name always starts with "sim:" (given "alice", it is "sim:alice"): records show the labels are simulated."""
 
     def __init__(self, name: str, score: Score, noise: float = 0.0, seed: int = 0, ties: bool = False):
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 1:
@@ -74,18 +76,23 @@ class Labeler:
         return f"<simulated labeler {self.name!r} noise={self.noise:g}>"
 
 
-def prefers_shorter(noise: float = 0.0, seed: int = 0, ties: bool = False) -> Labeler:
+def prefers_shorter(noise: float = 0.0, seed: int = 0, ties: bool = False, name: str | None = None) -> Labeler:
     """Shorter answers are better (by characters)."""
-    return Labeler("sim:shorter", lambda _p, a: -len(a.strip()), noise, seed, ties)
+    return Labeler(name or "shorter", lambda _p, a: -len(a.strip()), noise, seed, ties)
 
 
-def prefers_longer(noise: float = 0.0, seed: int = 0, ties: bool = False) -> Labeler:
+def prefers_longer(noise: float = 0.0, seed: int = 0, ties: bool = False, name: str | None = None) -> Labeler:
     """Longer answers are better (by characters)."""
-    return Labeler("sim:longer", lambda _p, a: len(a.strip()), noise, seed, ties)
+    return Labeler(name or "longer", lambda _p, a: len(a.strip()), noise, seed, ties)
 
 
 def prefers_containing(
-    text: str | Sequence[str], noise: float = 0.0, seed: int = 0, ties: bool = False, case_sensitive: bool = False
+    text: str | Sequence[str],
+    noise: float = 0.0,
+    seed: int = 0,
+    ties: bool = False,
+    case_sensitive: bool = False,
+    name: str | None = None,
 ) -> Labeler:
     """Answers that contain `text` (or more of several texts) are better; the rest tie or fall in random order."""
     words = [text] if isinstance(text, str) else list(text)
@@ -96,19 +103,21 @@ def prefers_containing(
     def score(_prompt: str, answer: str) -> float:
         return sum(fold(w) in fold(answer) for w in words)
 
-    return Labeler(f"sim:contains({', '.join(map(repr, words))})", score, noise, seed, ties)
+    return Labeler(name or f"contains({', '.join(map(repr, words))})", score, noise, seed, ties)
 
 
-def avoids(text: str | Sequence[str], noise: float = 0.0, seed: int = 0, ties: bool = False) -> Labeler:
+def avoids(
+    text: str | Sequence[str], noise: float = 0.0, seed: int = 0, ties: bool = False, name: str | None = None
+) -> Labeler:
     """Answers that contain `text` are worse (e.g. a banned word)."""
     base = prefers_containing(text, 0.0, seed, ties)
-    name = base.name.replace("sim:contains", "sim:avoids", 1)
+    name = name or base.name.replace("sim:contains", "avoids", 1)
     return Labeler(name, lambda p, a: -base.score(p, a), noise, seed, ties)
 
 
-def random_labeler(seed: int = 0) -> Labeler:
+def random_labeler(seed: int = 0, name: str | None = None) -> Labeler:
     """A labeler that ranks at random (a baseline: chance agreement is about 1/2 per pair)."""
-    return Labeler("sim:random", lambda _p, _a: 0.0, 1.0, seed)
+    return Labeler(name or "random", lambda _p, _a: 0.0, 1.0, seed)
 
 
 def from_function(score: Score, name: str = "custom", noise: float = 0.0, seed: int = 0, ties: bool = False) -> Labeler:

@@ -204,6 +204,8 @@ def test_simulated_labelers_follow_their_rule():
     assert sorted(first[:2]) == [2, 3] and sorted(first[2:]) == [0, 1]  # ties broken at random without ties=True
     custom = labelers.from_function(lambda p, a: a.count("a"), name="many-a")
     assert custom.name == "sim:many-a" and custom("q", ["aaa", "a", "aa"]) == [0, 2, 1]
+    assert labelers.prefers_shorter(name="alice").name == "sim:alice"
+    assert labelers.avoids("x").name == "sim:avoids('x')" and labelers.random_labeler().name == "sim:random"
 
 
 def test_noise_is_the_share_of_random_rankings():

@@ -317,7 +317,9 @@ def test_policy_errors_show_in_the_panel_and_block_submit(path):
 def test_simulated_labeler_fills_a_panel_and_two_agree(path):
     first = panel(path, k=4)
     assert labelers.prefers_shorter().label(first) == 3 and first.done
-    second = panel(path, responses=first.responses, policy="fake-sft")
+    calls = len(first.policy.calls)
+    second = panel(path, responses=first.responses, policy="fake-sft")  # the saved answers: no new sampling
+    assert len(first.policy.calls) == calls
     labelers.prefers_longer().label(second)
     prefs = load_preferences(path)
     assert prefs.labelers == ["sim:longer", "sim:shorter"] and len(prefs.to_pairs()) == 2 * 3 * 6

@@ -105,8 +105,9 @@ class RankingPanel:
 
     @property
     def responses(self) -> list[list[str]]:
-        """The answers of every prompt (samples the ones not shown yet): reuse them in a second panel."""
-        return [self._answers_for(i) for i in range(len(self.prompts))]
+        """Every prompt's answers (saved ones where labelled; samples the rest): reuse them in a second panel."""
+        saved = {r["prompt"]: r["responses"] for r in self.store.refresh() if r.get("labeler") == self.labeler}
+        return [list(saved[p]) if p in saved else self._answers_for(i) for i, p in enumerate(self.prompts)]
 
     def submit(self, ranking: Any = None, *, flag: bool | None = None, comment: str | None = None) -> dict:
         """Exactly what clicking the rank buttons and Submit does. `ranking`: indices best first, ties nested."""
