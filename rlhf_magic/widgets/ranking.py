@@ -8,18 +8,16 @@ Every button has a method that does the same thing (`submit`, `skip`, `back`, `u
 from __future__ import annotations
 
 import traceback
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from ..engine.data import read_prompts
 from ..errors import ConfigError, DataError, RLHFError, did_you_mean
 from ..preferences import RANKING, Preferences, format_ranking, parse_ranking
 from .ranking_cards import Cards, describe
+from .ranking_options import OPTIONS, check_options, check_responses, policy_name, resolve_policy, unique
 from .ranking_store import PreferenceStore, new_id, now_iso
 
-OPTIONS = ("prompts", "policy", "responses", "k", "file", "ties", "labeler", "temperature", "top_p", "seed",
-           "max_new_tokens", "title")  # fmt: skip
 ALL_BAD = "all_bad"
 
 
@@ -50,10 +48,10 @@ class RankingPanel:
             )
         if prompts is None:
             raise ConfigError("%rank needs prompts=..., a list of prompt strings (or records with a `prompt` field)")
-        self.prompts = _unique(read_prompts(prompts))
-        self.k = _check_options(k, ties, labeler, temperature, top_p, seed, max_new_tokens)
-        self.policy = _resolve_policy(policy, session, responses is None)
-        self._given = _check_responses(responses, self.prompts, k)
+        self.prompts = unique(read_prompts(prompts))
+        self.k = check_options(k, ties, labeler, temperature, top_p, seed, max_new_tokens)
+        self.policy = resolve_policy(policy, session, responses is None)
+        self._given = check_responses(responses, self.prompts, k)
         self.ties, self.seed = bool(ties), seed
         self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         self.store = PreferenceStore(file)  # DataError for a missing folder or foreign records: nothing written
@@ -199,7 +197,7 @@ class RankingPanel:
             "time": now_iso(),
             "flags": [ALL_BAD] if self.cards.flag.value else [],
             "comment": self.cards.comment.value.strip(),
-            "policy": _policy_name(self.policy),
+            "policy": policy_name(self.policy),
         }
         if old is not None:
             record["replaces"] = old["id"]
@@ -231,7 +229,7 @@ class RankingPanel:
         if self._given is not None:
             answers = self._given[i]
         else:
-            self.cards.say(f"Sampling {self.k} answers from {_policy_name(self.policy)}…")
+            self.cards.say(f"Sampling {self.k} answers from {policy_name(self.policy)}…")
             seed = None if self.seed is None else self.seed + i  # the same answers for prompt i on every run
             out = self.policy.sample([self.prompts[i]], self.k, seed=seed, **self.sampling)
             if len(out) != 1 or len(out[0]) != self.k:
@@ -271,73 +269,3 @@ class RankingPanel:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"all {n} {noun}s"
-
-
-def _unique(prompts: list[str]) -> list[str]:
-    out = list(dict.fromkeys(prompts))
-    if len(out) < len(prompts):
-        warnings.warn(f"prompts: {len(prompts) - len(out)} duplicate prompt(s) dropped", stacklevel=3)
-    return out
-
-
-def _check_options(k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any) -> int:
-    k = 4 if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 9:
-        raise ConfigError(f"k = {k!r}: the number of answers per prompt must be an integer from 2 to 9")
-    if not isinstance(ties, bool):
-        raise ConfigError(f"ties = {ties!r}: use True or False")
-    if not isinstance(labeler, str):
-        raise ConfigError(f"labeler = {labeler!r}: give the labeler's name as a string")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ConfigError(f"temperature = {temperature!r}: use a number >= 0 (0 is greedy: K identical answers)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ConfigError(f"top_p = {top_p!r}: use a number in (0, 1]")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"seed = {seed!r}: use an integer or None")
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise ConfigError(f"max_new_tokens = {max_new!r}: use a positive integer")
-    return k
-
-
-def _resolve_policy(policy: Any, session: Any, needed: bool) -> Any:
-    """The policy handle (a session name is looked up); with responses= it only names the answers' source."""
-    if isinstance(policy, str) and needed:
-        if session is None:
-            raise ConfigError(f"policy = {policy!r}: pass the %%sft result itself (no session to look names up in)")
-        policy = session[policy]  # RLHFError with a did-you-mean when the name is unknown
-    if policy is None:
-        if needed:
-            raise ConfigError("%rank needs policy=<an %%sft result> to sample answers, or responses=[[...], ...]")
-        return None
-    if needed and not callable(getattr(policy, "sample", None)):
-        raise ConfigError(f"policy = {policy!r} is not a policy (it has no .sample); pass an %%sft result")
-    return policy
-
-
-def _check_responses(responses: Any, prompts: list[str], k: int | None) -> list[list[str]] | None:
-    if responses is None:
-        return None
-    if isinstance(responses, dict):
-        missing = [p for p in prompts if p not in responses]
-        if missing:
-            raise ConfigError(f"responses has no answers for prompt {missing[0]!r}")
-        responses = [responses[p] for p in prompts]
-    if isinstance(responses, (str, bytes)) or not isinstance(responses, Sequence) or len(responses) != len(prompts):
-        raise ConfigError(f"responses must be a list with one list of answers per prompt ({len(prompts)} prompts)")
-    out = []
-    for i, answers in enumerate(responses):
-        if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
-            raise ConfigError(f"responses[{i}] must be a list of answer strings")
-        if not 2 <= len(answers) <= 9 or (k is not None and len(answers) != k):
-            want = f"k = {k}" if k is not None else "2 to 9"
-            raise ConfigError(f"responses[{i}] has {len(answers)} answers; expected {want}")
-        if not all(isinstance(a, str) for a in answers):
-            raise ConfigError(f"responses[{i}]: every answer must be a string")
-        out.append(list(answers))
-    return out
-
-
-def _policy_name(policy: Any) -> str | None:
-    if policy is None or isinstance(policy, str):
-        return policy
-    return str(getattr(policy, "name", type(policy).__name__))
