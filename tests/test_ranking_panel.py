@@ -327,13 +327,15 @@ def test_simulated_labeler_fills_a_panel_and_two_agree(path):
     assert agr.prompts == 3 and agr.compared == 18 and agr.rate == 0.0  # opposite rules disagree on every pair
 
 
-def test_rank_magic_opens_and_binds_the_panel(ip, path):
+def test_rank_magic_opens_and_binds_the_panel(ip, path, monkeypatch):
     ip.user_ns["ps"] = PROMPTS
     ip.user_ns["answers"] = [["a", "b", "c"]] * 3
     out = ip.run_line_magic("rank", f'prefs prompts=ps responses=answers file="{path}" labeler="kim"')
     assert isinstance(out, RankingPanel) and ip.user_ns["prefs"] is out and out.labeler == "kim"
-    data, _ = ip.display_formatter.format(out.cards.root)
-    assert "application/vnd.jupyter.widget-view+json" in data
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *objs, **_: shown.extend(objs))
+    ip.display_formatter.format(out)  # what a cell result goes through: the panel shows its widget tree
+    assert shown == [out.cards.root]
     res = ip.run_cell(f'%rank bad prompts=ps k=12 file="{path}"')
     assert not res.success and "k = 12" in str(res.error_in_exec) and "\n" not in str(res.error_in_exec)
 
