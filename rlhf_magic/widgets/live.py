@@ -185,6 +185,10 @@ class WidgetView:
             self.button.description = "Stopping"
 
     def __call__(self, ev: Event) -> None:
+        if ev.kind in ("start", "step") and self.stop is not None:
+            from .uipoll import poll_ui_events
+
+            poll_ui_events(self.button)  # throttled; lets a Stop click reach the kernel during the cell
         if ev.kind == "start":
             self.bar.max = max(ev.total, 1)
             self.label.value = f"<b>{html.escape(self.title)}</b> {self.progress.line(ev)}"
