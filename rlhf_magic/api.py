@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .config import RewardConfig, SFTConfig, build_config
+from .config import PPOConfig, RewardConfig, SFTConfig, build_config
 from .errors import ConfigError
 from .events import Callback, StopControl
 
@@ -117,7 +117,7 @@ def reward(
         raise ConfigError("data is required: Preferences from the ranking panel, ranking records or pairs, or a path")
     runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision)
     stop = stop or StopControl()
-    handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop), stop)
+    handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop), stop, session)
     if session is not None:
         session.add(handle)
     return handle
@@ -132,3 +132,73 @@ def load_reward(path: str, name: str | None = None, *, session: Any = None, devi
     if session is not None:
         session.add(handle)
     return handle
+
+
+def ppo(
+    name: str = "ppo",
+    *,
+    config: PPOConfig | None = None,
+    session: Any = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    stop: StopControl | None = None,
+    **settings: Any,
+) -> Any:
+    """PPO against a reward handle or a callable, with a per-token KL penalty to the frozen SFT policy.
+
+    `policy` defaults to the session's latest SFT result. With `resume=True` the run continues the session's
+    PPO result called `name` (its adapter, value head, optimizer and KL controller).
+    """
+    from .engine.ppo import train_ppo
+    from .engine.runtime import resolve_runtime
+
+    cfg = _ppo_config(_config(PPOConfig, config, settings), session)
+    previous = _previous_ppo(name, cfg, session)
+    runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision)
+    stop = stop or StopControl()
+    views = _views("ppo", name, progress, callbacks, stop)
+    handle = train_ppo(cfg, name, runtime, views, stop, previous)
+    if session is not None:
+        session.add(handle)
+    return handle
+
+
+def _ppo_config(cfg: PPOConfig, session: Any) -> PPOConfig:
+    import dataclasses
+
+    from .engine.handles import PolicyHandle
+
+    for key in ("steps", "batch_size", "mini_batch_size", "num_ppo_epochs", "max_new_tokens"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} = {getattr(cfg, key)} is not valid; expected a positive integer")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"temperature = {cfg.temperature} is not valid; PPO samples, so use a value > 0 (e.g. 0.7)")
+    if cfg.policy is None:
+        latest = session.latest("policy", "sft") if session is not None else None
+        if latest is None:
+            raise ConfigError(
+                "policy is not set and this session has no SFT result yet; run %%sft first or set "
+                "policy = <a policy handle>"
+            )
+        cfg = dataclasses.replace(cfg, policy=latest)
+    if not isinstance(cfg.policy, PolicyHandle):
+        raise ConfigError(
+            f"policy = {cfg.policy!r} is not valid; expected a policy handle (from %%sft, or "
+            f"rlhf_magic.load_policy(...))"
+        )
+    if cfg.reward is None:
+        raise ConfigError("reward is required: a reward handle from %%reward, or a callable f(prompts, responses)")
+    if cfg.prompts is None:
+        raise ConfigError("prompts is required: a list of prompts, a Dataset, or a .jsonl/.json/.csv/.txt path")
+    return cfg
+
+
+def _previous_ppo(name: str, cfg: PPOConfig, session: Any) -> Any:
+    if not cfg.resume:
+        return None
+    from .engine.ppo import PPOHandle
+
+    prev = session[name] if session is not None and name in session else None
+    if not isinstance(prev, PPOHandle):
+        raise ConfigError(f"resume = True but this session has no PPO result named {name!r} to continue")
+    return prev

@@ -67,7 +67,8 @@ class StopControl:
 
     def request(self, reason: str = "stopped by the user") -> None:
         if not self.requested:
-            self.requested, self.reason = True, reason
+            self.reason = reason  # before the flag: another thread (a Stop click) may set it
+            self.requested = True
 
     @contextlib.contextmanager
     def catch_interrupt(self) -> Iterator[StopControl]:

@@ -11,6 +11,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
+# The tiny test models are far too small for two threads to help; one thread avoids OpenMP spin-waiting, which
+# makes each tiny matmul ~100x slower when other processes share the two cores. Tests on the embedded model
+# raise it again with the `two_threads` fixture.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def _shell():

@@ -55,6 +55,9 @@ def train_only(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None
         p.requires_grad_(id(p) in keep)
 
 
+Adapters = str | list[str] | None  # one adapter, several stacked (their updates add up), or None: adapters off
+
+
 def adapter_parameters(lm: LoadedModel, name: str) -> list[torch.nn.Parameter]:
     """The parameters of one adapter (what an optimizer trains)."""
     key = f".{name}."
@@ -73,8 +76,8 @@ def _keep_grad_flags(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def use_adapter(lm: LoadedModel, name: str | None) -> Iterator[None]:
-    """Run `lm.model` with adapter `name` active, or with every adapter off when `name` is None."""
+def use_adapter(lm: LoadedModel, name: Adapters) -> Iterator[None]:
+    """Run `lm.model` with adapter(s) `name` active, or with every adapter off when `name` is None."""
     if lm.peft is None:
         if name is not None:
             raise RuntimeError(f"adapter {name!r} requested on a model without adapters")
@@ -109,7 +112,7 @@ def _adapters_disabled(tuner: Any) -> bool:
     return False
 
 
-def merged_copy(lm: LoadedModel, name: str | None) -> torch.nn.Module:
+def merged_copy(lm: LoadedModel, name: Adapters) -> torch.nn.Module:
     """A plain HF model with adapter `name` merged in (for `.save()`); the shared model is untouched."""
     import copy
 
@@ -124,5 +127,6 @@ def merged_copy(lm: LoadedModel, name: str | None) -> torch.nn.Module:
     for m in tuner.model.modules():
         if isinstance(m, BaseTunerLayer):
             m.enable_adapters(True)
-    tuner.set_adapter(name)
-    return tuner.merge_and_unload(adapter_names=[name])
+    names = [name] if isinstance(name, str) else list(name)
+    tuner.set_adapter(names)
+    return tuner.merge_and_unload(adapter_names=names)

@@ -53,9 +53,20 @@ def sample(
     rows = [r for r in encode_prompts(lm, prompts) for _ in range(num_return_sequences)]
     device = next(lm.model.parameters()).device
     ids, mask = left_pad(rows, tok.pad_token_id, device)
-    kw: dict[str, Any] = {"do_sample": temperature > 0}
+    from transformers import GenerationConfig
+
+    # An explicit config: the model's own defaults (top_k=50, repetition penalties...) would sample from another
+    # distribution than the one whose logprobs PPO computes, which shows up as a biased (even negative) KL.
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        use_cache=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     if temperature > 0:
-        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+        gen.temperature, gen.top_p, gen.top_k = temperature, top_p, 0
     if seed is not None:
         torch.manual_seed(seed)
     was_training = lm.model.training
@@ -63,15 +74,7 @@ def sample(
     try:
         ctx = autocast() if autocast else _null()
         with ctx:
-            out = lm.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                use_cache=True,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                **kw,
-            )
+            out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     finally:
         lm.model.train(was_training)
     return Rollout(ids, mask, out[:, ids.shape[1] :])

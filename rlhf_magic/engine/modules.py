@@ -59,3 +59,29 @@ class TokenLoss(nn.Module):
             hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             logits = head(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep])
+
+
+def response_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Hidden states at the positions that predict the response tokens (input_ids[:, start:])."""
+    return hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
+
+
+def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits [B, Tr, V] for the response tokens only (the LM head never runs on the prompt)."""
+    _, head = trunk_and_head(model)
+    return head(response_hidden(model, input_ids, attention_mask, start))
+
+
+class PolicyValue(nn.Module):
+    """The PPO policy and its value function on one trunk: one forward gives logits and values."""
+
+    def __init__(self, model: Any, value_head: nn.Module):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = response_hidden(self.model, input_ids, attention_mask, start)
+        _, head = trunk_and_head(self.model)
+        return head(hidden), self.value_head(hidden.float()).squeeze(-1)

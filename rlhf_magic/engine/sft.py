@@ -70,8 +70,11 @@ def train_sft(
         train_only(lm.model, [])
         state.close()
     # 6. the result: before/after samples, summary, optional save
-    after = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
-    if before:
+    try:
+        after = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
+    except KeyboardInterrupt:  # an interrupt after the loop skips the samples, never the trained result
+        after = []
+    if before and after:
         emit(
             "samples",
             payload={

@@ -20,6 +20,14 @@ Panels = Sequence[tuple[str, Sequence[str]]]
 DEFAULT_PANELS: dict[str, Panels] = {
     "sft": [("loss", ["train/loss", "eval/loss"])],
     "reward": [("loss", ["train/loss"]), ("pairwise accuracy", ["train/accuracy", "eval/accuracy"])],
+    "ppo": [
+        ("score and reward", ["ppo/objective/scores", "ppo/objective/rlhf_reward"]),
+        ("KL to the SFT policy (per answer)", ["ppo/objective/kl", "ppo/objective/kl_k3"]),
+        ("entropy (per token)", ["ppo/policy/entropy"]),
+        ("policy updates", ["ppo/policy/clipfrac", "ppo/policy/approxkl"]),
+        ("value function", ["ppo/val/loss", "ppo/val/explained_var"]),
+        ("answers", ["ppo/response/length", "ppo/response/eos_rate"]),
+    ],
 }
 
 
@@ -100,8 +108,36 @@ class TextView:
             print(f"[{self.title}] {ev.payload.get('title', 'samples')}:", file=self.stream)
             for row in ev.payload["rows"]:
                 print("  " + " | ".join(f"{k}: {str(v)[:120]!r}" for k, v in row.items()), file=self.stream)
+        elif ev.kind == "histogram":
+            print(f"[{self.title}] {ev.payload.get('title', 'histogram')}:", file=self.stream)
+            for name, values in ev.payload["series"].items():
+                print(f"  {name}: {series_line(values)}", file=self.stream, flush=True)
         elif ev.kind == "end":
             print(f"[{self.title}] finished: {ev.payload.get('reason', 'done')}", file=self.stream, flush=True)
+
+
+def series_line(values: Sequence[float]) -> str:
+    if not values:
+        return "n=0"
+    return f"n={len(values)} mean={sum(values) / len(values):.3f} min={min(values):.3f} max={max(values):.3f}"
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure outside pyplot: no backend state, no second copy from the inline backend."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=80)
+
+
+def png_image(fig: Any) -> Any:
+    """The figure as a PNG display object (works whatever matplotlib backend the kernel has)."""
+    import io
+
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Image(data=buf.getvalue(), format="png")
 
 
 def samples_html(payload: dict) -> str:
@@ -147,7 +183,7 @@ class WidgetView:
             description="Stop",
             icon="stop",
             button_style="warning",
-            layout=W.Layout(width="90px"),
+            layout=W.Layout(width="110px"),
             disabled=stop is None,
         )
         self.button.add_class("rlhf-stop")
@@ -157,22 +193,20 @@ class WidgetView:
         self.box = W.VBox([W.HBox([self.button, self.bar, self.label]), self.alerts])
         self.box.add_class("rlhf-live")
         display(self.box)
+        if stop is not None:
+            from .uipoll import poll_ui_events
+
+            poll_ui_events(self.button)  # from now on a Stop click reaches the kernel while the cell runs
         self.fig = self._figure()
-        self.plot = display(self.fig, display_id=True)
+        self.plot = display(png_image(self.fig), display_id=True)
         display(self.samples)
         self.last_draw = -math.inf
 
     def _figure(self) -> Any:
-        import matplotlib
-
-        matplotlib.use("agg") if "matplotlib.pyplot" not in sys.modules else None
-        import matplotlib.pyplot as plt
-
         n = len(self.panels)
         cols = min(n, 3)
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False)
-        plt.close(fig)  # else the inline backend adds a second static copy at the end of the cell
+        fig = new_figure(4.2 * cols, 2.6 * math.ceil(n / cols))
+        axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
         self.axes = [ax for row in axes for ax in row]
         for ax in self.axes[n:]:
             ax.set_visible(False)
@@ -204,9 +238,12 @@ class WidgetView:
             self.alerts.value += f"<div style='color:#b45309'>⚠ {html.escape(str(ev.payload))}</div>"
         elif ev.kind == "samples":
             self.samples.value = samples_html(ev.payload)
+        elif ev.kind == "histogram":
+            self.histogram(ev.payload)
         elif ev.kind == "end":
             self.draw()
             self.button.disabled = True
+            self.button.description = "Stopped" if self.stop is not None and self.stop.requested else "Done"
             reason = ev.payload.get("reason", "done") if isinstance(ev.payload, dict) else "done"
             self.label.value = f"<b>{html.escape(self.title)}</b> finished after {ev.step} steps ({reason})"
 
@@ -223,5 +260,25 @@ class WidgetView:
             if any(self.history.get(k) for k in keys):
                 ax.legend(fontsize=7)
         self.fig.tight_layout()
-        self.plot.update(self.fig)
+        self.plot.update(png_image(self.fig))
         self.last_draw = time.monotonic()
+
+    def histogram(self, payload: dict) -> None:
+        """A second, small figure drawn once: the series' histograms overlaid on shared bins."""
+        from IPython.display import display
+
+        series = {k: list(v) for k, v in payload["series"].items() if len(v)}
+        fig = new_figure(5.0, 2.6)
+        ax = fig.subplots()
+        if series:
+            lo = min(min(v) for v in series.values())
+            hi = max(max(v) for v in series.values())
+            bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+            for name, values in series.items():
+                ax.hist(values, bins=bins, alpha=0.55, label=f"{name} (n={len(values)})")
+            ax.legend(fontsize=7)
+        ax.set_title(payload.get("title", "histogram"), fontsize=9)
+        ax.set_xlabel(payload.get("xlabel", ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        self.hist_plot = display(png_image(fig), display_id=True)

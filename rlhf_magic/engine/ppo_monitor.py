@@ -1,0 +1,87 @@
+"""PPO step metrics (TRL-style keys under `ppo/`) and the warnings a careful user would want to see."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import ops
+from .rollout import Rollout
+
+
+def step_metrics(
+    ro: Rollout, stats: dict[str, list[float]], kl_coef: float, cfg: Any, seconds: float, gen_seconds: float
+) -> dict[str, float]:
+    """One row of the dashboard for this step."""
+    mask = ro.mask
+    kl_k1 = (
+        ro.kl.sum(1)
+        if cfg.kl_estimator == "k1"
+        else ops.kl_per_token(ro.logprobs, ro.ref_logprobs, "k1").mul(mask).sum(1)
+    )
+    kl_k3 = ops.kl_per_token(ro.logprobs, ro.ref_logprobs, "k3").mul(mask).sum(1)
+    lengths = mask.sum(1)
+    scores = ro.scores.float()
+    row = {
+        "ppo/objective/scores": float(scores.mean()),
+        "ppo/objective/kl": float(kl_k1.mean()),
+        "ppo/objective/kl_k3": float(kl_k3.mean()),
+        "ppo/objective/rlhf_reward": float((scores - kl_coef * ro.kl.sum(1)).mean()),
+        "ppo/objective/kl_coef": kl_coef,
+        "ppo/val/explained_var": float(ops.explained_variance(ro.values, ro.returns, mask)),
+        "ppo/response/length": float(lengths.mean()),
+        "ppo/response/eos_rate": float(ro.has_eos.float().mean()),
+        "ppo/time/step_s": seconds,
+        "ppo/time/generated_tok_s": float(lengths.sum()) / max(gen_seconds, 1e-9),
+    }
+    for key, vals in stats.items():
+        agg = max if key.endswith("ratio_max") else statistics.fmean
+        row[f"ppo/{key}"] = float(agg(vals))
+    return row
+
+
+@dataclass
+class Monitor:
+    """Warns once per kind: negative KL, exploding ratios, collapsing or ballooning answers, vanishing EOS."""
+
+    first: dict[str, float] = field(default_factory=dict)
+    said: set[str] = field(default_factory=set)
+
+    def check(self, row: dict[str, float], cfg: Any) -> list[str]:
+        if not self.first:
+            self.first = dict(row)
+        out = []
+        length, first_len = row["ppo/response/length"], self.first["ppo/response/length"]
+        eos, first_eos = row["ppo/response/eos_rate"], self.first["ppo/response/eos_rate"]
+        rules = {
+            "negative_kl": (
+                row["ppo/objective/kl"] < -0.1,
+                f"KL to the SFT policy is negative ({row['ppo/objective/kl']:.3f}): the sampler and the "
+                f"logprob computation disagree (check temperature and special tokens)",
+            ),
+            "ratio": (
+                row.get("ppo/policy/ratio_max", 1.0) > 10.0,
+                f"the policy ratio reached {row.get('ppo/policy/ratio_max', 0):.1f}: updates are too large "
+                f"(lower lr or cliprange)",
+            ),
+            "collapse": (
+                length < max(1.5, 0.25 * first_len),
+                f"answers collapsed to {length:.1f} tokens on average (from {first_len:.1f})",
+            ),
+            "balloon": (
+                length > max(2 * first_len, 0.9 * cfg.max_new_tokens) and first_len < 0.9 * cfg.max_new_tokens,
+                f"answers grew to {length:.1f} tokens (from {first_len:.1f}), near max_new_tokens",
+            ),
+            "eos": (
+                first_eos >= 0.5 and eos < 0.25,
+                f"only {eos:.0%} of answers end with EOS now (from {first_eos:.0%}): the policy stopped "
+                f"finishing its answers (consider missing_eos_penalty)",
+            ),
+        }
+        for kind, (hit, message) in rules.items():
+            if hit and kind not in self.said and math.isfinite(length):
+                self.said.add(kind)
+                out.append(message)
+        return out

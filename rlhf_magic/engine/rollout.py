@@ -1,0 +1,147 @@
+"""One PPO rollout, as the numbered response-processing steps of lm-human-preference-details.
+
+1. sample answers (batched, KV cache, left padding, stop at EOS)  2. truncate after the first EOS
+3. policy logprobs and values from one forward pass  4. reference logprobs  5. scores (one batched reward call)
+6. missing-EOS penalty  7. per-token KL and rewards (score at the last real token)  8. GAE and whitened advantages
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..errors import ConfigError
+from .adapters import use_adapter
+from .generation import sample
+from .models import LoadedModel
+from .modules import PolicyValue, response_logits
+
+
+@dataclass
+class Roles:
+    """Who plays what on the (usually shared) model: adapter names, None meaning 'adapters off'."""
+
+    lm: LoadedModel
+    policy: str | None
+    reference: str | None
+    ref_lm: LoadedModel  # the same object as lm unless the policy is a private full copy
+    score: Callable[[list[str], list[str], torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast: Any
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]
+    texts: list[str]
+    input_ids: torch.Tensor  # [B, Tq + Tr] query (left-padded) + response (PAD after the first EOS)
+    attention_mask: torch.Tensor
+    start: int  # Tq: where the response begins
+    mask: torch.Tensor  # [B, Tr] 1 on response tokens up to and including the first EOS
+    has_eos: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.start :]
+
+
+def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int) -> Rollout:
+    """Steps 1-2: sample with the policy adapter, then cut everything after the first EOS."""
+    lm, tok = roles.lm, roles.lm.tokenizer
+    with use_adapter(lm, roles.policy):
+        out = sample(
+            lm,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=seed,
+            autocast=roles.autocast,
+        )
+    responses, mask, has_eos = ops.truncate_after_eos(out.responses, tok.eos_token_id, tok.pad_token_id)
+    ids = torch.cat([out.queries, responses], 1)
+    attn = torch.cat([out.query_mask, mask], 1)
+    texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
+    return Rollout(prompts, texts, ids, attn, out.queries.shape[1], mask.to(torch.float32), has_eos)
+
+
+def policy_forward(module: PolicyValue, ro: Rollout, temperature: float) -> tuple[torch.Tensor, ...]:
+    """(logprobs, values, entropy) of the rollout's tokens under the current policy, from one trunk forward."""
+    logits, values = module(ro.input_ids, ro.attention_mask, ro.start)
+    logprobs = ops.logprobs_from_logits(logits, ro.responses, temperature)
+    with torch.no_grad():
+        entropy = ops.entropy_from_logits(logits.detach(), temperature)
+    return logprobs, values, entropy
+
+
+@torch.no_grad()
+def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
+    """Step 4: the frozen SFT policy's logprobs of the same tokens, with the same temperature."""
+    with use_adapter(roles.ref_lm, roles.reference), roles.autocast():
+        logits = response_logits(roles.ref_lm.model, ro.input_ids, ro.attention_mask, ro.start)
+    return ops.logprobs_from_logits(logits, ro.responses, temperature)
+
+
+def score(roles: Roles, ro: Rollout, penalty: float | None) -> None:
+    """Steps 5-6: one batched reward call, then the missing-EOS penalty."""
+    scores = roles.score(ro.prompts, ro.texts, ro.input_ids, ro.attention_mask)
+    ro.scores = ops.apply_missing_eos_penalty(scores.float(), ro.has_eos, penalty)
+
+
+def advantages(ro: Rollout, cfg: Any, kl_coef: float) -> None:
+    """Steps 7-8: per-token KL penalty with the score at the last real token, optional reward whitening
+    (no mean shift), GAE, and masked advantage whitening."""
+    ro.rewards, ro.kl = ops.per_token_rewards(
+        ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, kl_coef, cfg.kl_estimator
+    )
+    rewards = ops.masked_whiten(ro.rewards, ro.mask, shift_mean=False) if cfg.whiten_rewards else ro.rewards
+    adv, ro.returns = ops.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    ro.advantages = ops.masked_whiten(adv, ro.mask) if ro.mask.sum() > 1 else adv
+
+
+def callable_scorer(fn: Callable[..., Any], device: torch.device) -> Callable[..., torch.Tensor]:
+    """Wrap a user's f(prompts, responses) -> list[float]: wrong length or non-numbers raise a one-line error."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+
+    def scorer(prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = fn(list(prompts), list(texts))
+        try:
+            values = [float(v) for v in out]
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"reward {name}() must return a list of numbers, one per answer; got {_brief(out)}"
+            ) from None
+        if len(values) != len(texts):
+            raise ConfigError(
+                f"reward {name}() returned {len(values)} scores for {len(texts)} answers; "
+                f"return exactly one number per answer"
+            )
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    return scorer
+
+
+def _brief(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def first_bad_score(scores: torch.Tensor) -> int | None:
+    bad = (~torch.isfinite(scores)).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def mean(x: torch.Tensor) -> float:
+    v = float(x.float().mean()) if x.numel() else math.nan
+    return v

@@ -1,0 +1,187 @@
+"""PPO on the tiny model: it learns a rule reward with bounded KL, shares one base, and fails cleanly."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from rlhf_magic import api
+from rlhf_magic.errors import ConfigError, DataError
+
+PROMPTS = [f"List letters {i}" for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def sft():
+    """A tiny policy that answers with four letters from a-d (full fine-tuning learns that in seconds)."""
+    rng = random.Random(0)
+    data = [{"prompt": p, "response": " ".join(rng.choice("abcd") for _ in range(4))} for p in PROMPTS]
+    return api.sft("sft", model="tiny", data=data, max_steps=60, lr=1e-2, lora=False, progress=False)
+
+
+def share_of_a(prompts, responses):
+    """Rule reward: the share of letters that are 'a'."""
+    return [r.count("a") / max(len(r.split()), 1) for r in responses]
+
+
+def test_score_rises_while_kl_stays_bounded(sft):
+    h = api.ppo(
+        "p",
+        policy=sft,
+        reward=share_of_a,
+        prompts=PROMPTS,
+        steps=40,
+        batch_size=8,
+        max_new_tokens=12,
+        lr=3e-3,
+        kl_coef=0.05,
+        progress=False,
+    )
+    scores, kl = h.metrics["ppo/objective/scores"], h.metrics["ppo/objective/kl"]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.25, (first, last)
+    assert abs(kl[0]) < 1e-3  # the policy starts as the SFT policy, which is the reference
+    assert max(kl) < 10 and all(math.isfinite(k) for k in kl)
+    assert h.stage == "ppo" and h.parents == ("sft", "share_of_a")
+
+
+def test_roles_share_one_base_and_every_trainable_weight_changes(sft):
+    snap = {}
+
+    def grab(ev):
+        if ev.kind == "start":
+            snap["w"] = [p.detach().clone() for p in ev.payload["handle"].trainable_parameters()]
+
+    before = sft.generate(PROMPTS[:4], max_new_tokens=8)
+    h = api.ppo(
+        "p2",
+        policy=sft,
+        reward=share_of_a,
+        prompts=PROMPTS,
+        steps=3,
+        batch_size=8,
+        max_new_tokens=8,
+        lr=3e-3,
+        progress=False,
+        callbacks=[grab],
+    )
+    assert h.lm is sft.lm  # policy, reference and value share the SFT model: no second copy
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(snap["w"], h.trainable_parameters()))
+    assert sft.generate(PROMPTS[:4], max_new_tokens=8) == before  # the reference (SFT) policy is untouched
+    base = [p for n, p in h.lm.model.named_parameters() if "lora_" not in n]
+    assert not any(p.requires_grad for p in base)
+
+
+def test_lora_policy_stacks_on_a_lora_sft_and_starts_equal_to_it(pairs):
+    sft = api.sft("lsft", model="tiny", data=pairs, max_steps=5, lr=3e-3, progress=False)
+    h = api.ppo(
+        "p3",
+        policy=sft,
+        reward=lambda p, r: [len(x) / 10 for x in r],
+        prompts=PROMPTS[:8],
+        steps=1,
+        batch_size=4,
+        max_new_tokens=6,
+        progress=False,
+    )
+    assert h.adapter[0] == sft.adapter and h.lm is sft.lm
+    assert abs(h.metrics["ppo/objective/kl"][0]) < 1e-3
+
+
+def test_stop_nan_rewards_keep_the_last_good_policy(sft):
+    calls = {"n": 0}
+
+    def flaky(prompts, responses):
+        calls["n"] += 1
+        return [float("nan")] * len(responses) if calls["n"] == 3 else [0.5] * len(responses)
+
+    h = api.ppo(
+        "p4", policy=sft, reward=flaky, prompts=PROMPTS, steps=10, batch_size=4, max_new_tokens=6, progress=False
+    )
+    assert h.metrics.summary["steps"] == 2
+    assert "the reward was nan" in h.metrics.summary["stopped"]
+    assert all(torch.isfinite(p).all() for p in h.trainable_parameters())
+
+
+def test_resume_continues_the_same_policy(sft):
+    h = api.ppo(
+        "p5", policy=sft, reward=share_of_a, prompts=PROMPTS, steps=2, batch_size=4, max_new_tokens=6, progress=False
+    )
+
+    class Session(dict):
+        def add(self, handle):
+            self[handle.name] = handle
+
+        @property
+        def runtime(self):
+            return h.runtime
+
+    session = Session(p5=h)
+    again = api.ppo(
+        "p5",
+        policy=sft,
+        reward=share_of_a,
+        prompts=PROMPTS,
+        steps=2,
+        batch_size=4,
+        max_new_tokens=6,
+        resume=True,
+        progress=False,
+        session=session,
+    )
+    assert again is h and h.metrics.summary["steps"] == 4 and len(h.metrics.history) == 4
+
+
+@pytest.mark.parametrize(
+    ("reward", "message"),
+    [
+        (lambda p, r: [1.0], "returned 1 scores for 4 answers"),
+        (lambda p, r: ["good"] * len(r), "must return a list of numbers"),
+        (lambda p, r: None, "must return a list of numbers"),
+    ],
+)
+def test_bad_reward_callables_get_one_line_errors(sft, reward, message):
+    with pytest.raises(ConfigError) as e:
+        api.ppo(
+            "bad", policy=sft, reward=reward, prompts=PROMPTS, steps=2, batch_size=4, max_new_tokens=4, progress=False
+        )
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"steps": 0}, ConfigError, "steps = 0 is not valid"),
+        ({"prompts": []}, DataError, "prompts is empty"),
+        ({"temperature": 0.0}, ConfigError, "PPO samples"),
+        ({"reward": 3}, ConfigError, "expected a reward handle or a callable"),
+        ({"resume": True}, ConfigError, "no PPO result named"),
+    ],
+)
+def test_bad_settings(sft, settings, error, message):
+    kw = {
+        "policy": sft,
+        "reward": share_of_a,
+        "prompts": PROMPTS,
+        "steps": 1,
+        "batch_size": 2,
+        "max_new_tokens": 4,
+        "progress": False,
+        **settings,
+    }
+    with pytest.raises(error, match=message):
+        api.ppo("x", **kw)
+
+
+def test_magic_runs_ppo_with_a_notebook_callable(ip, sft):
+    ip.user_ns.update(policy=sft, rule=share_of_a, prompts=PROMPTS)
+    res = ip.run_cell(
+        "%%ppo tuned\npolicy = policy\nreward = rule\nprompts = prompts\nsteps = 2\nbatch_size = 4\n"
+        "max_new_tokens = 6\n"
+    )
+    assert res.success, res.error_in_exec
+    assert ip.user_ns["rlhf"]["tuned"] is ip.user_ns["tuned"]
+    assert len(ip.user_ns["tuned"].generate(["List letters 1"], max_new_tokens=6)) == 1
