@@ -11,7 +11,7 @@ import html
 import pytest
 
 from rlhf_magic import labelers
-from rlhf_magic.compare import Comparison, compare, wilson_interval
+from rlhf_magic.comparison import Comparison, compare, wilson_interval
 from rlhf_magic.errors import ConfigError, DataError, RLHFError
 from rlhf_magic.session import Session
 from rlhf_magic.widgets.compare import ComparePanel, balanced_sides
@@ -265,3 +265,16 @@ def test_a_reward_handle_is_scored_through_its_score_method(policies):
 
     cmp = compare(*policies, PROMPTS[:3], Handle(), **FAST)
     assert cmp.reward == "rm" and [r.score_b for r in cmp.rows] == [-len(r.answer_b) for r in cmp.rows]
+
+
+def test_the_package_attribute_compare_is_not_shadowed_by_a_submodule():
+    # a submodule rlhf_magic/compare.py would replace the lazy `rlhf_magic.compare` function once imported
+    import importlib.util
+
+    import rlhf_magic
+    from rlhf_magic import api
+
+    assert importlib.util.find_spec("rlhf_magic.compare") is None
+    if not hasattr(api, "compare"):
+        pytest.skip("rlhf_magic.api does not re-export compare yet")
+    assert rlhf_magic.compare is compare and rlhf_magic.Comparison is Comparison

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..compare import Comparison, compare, comparison_html
+from ..comparison import Comparison, compare, comparison_html
 from ..engine.data import read_prompts
 from ..errors import ConfigError, DataError, RLHFError, did_you_mean
 from ..preferences import parse_ranking
