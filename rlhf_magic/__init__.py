@@ -19,6 +19,8 @@ _LAZY = {
     "load_policy": "api",
     "load_reward": "api",
     "compare": "api",
+    "Comparison": "api",
+    "WinRate": "api",
     "Session": "session",
     "SFTConfig": "config",
     "RewardConfig": "config",

@@ -6,9 +6,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .comparison import Comparison, WinRate, compare
 from .config import PPOConfig, RewardConfig, SFTConfig, build_config
 from .errors import ConfigError
 from .events import Callback, StopControl
+
+__all__ = ["Comparison", "WinRate", "compare", "load_policy", "load_reward", "ppo", "reward", "sft"]
 
 
 def _config(cls: type, config: Any, settings: dict[str, Any]) -> Any:

@@ -47,6 +47,7 @@ def sample(
     num_return_sequences: int = 1,
     seed: int | None = None,
     autocast: Any = None,
+    min_new_tokens: int = 0,
 ) -> Rollout:
     """Generate for every prompt (each repeated `num_return_sequences` times) in one batched call."""
     tok = lm.tokenizer
@@ -59,6 +60,7 @@ def sample(
     # distribution than the one whose logprobs PPO computes, which shows up as a biased (even negative) KL.
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         do_sample=temperature > 0,
         use_cache=True,
         pad_token_id=tok.pad_token_id,
