@@ -109,7 +109,13 @@ def normalize(rec: dict, where: str) -> dict:
         raise DataError(f"{where}: responses must be a list of strings")
     if len(responses) < 2:
         raise DataError(f"{where}: a ranking needs at least 2 answers, got {len(responses)}")
-    groups = parse_ranking(rec["ranking"], len(responses), where)
+    ranking = rec["ranking"]
+    if isinstance(ranking, str):  # Dataset rows (to_dataset) and CSV cells keep nested rankings as JSON text
+        try:
+            ranking = json.loads(ranking)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: ranking {ranking!r} is not a list of answer indices") from None
+    groups = parse_ranking(ranking, len(responses), where)
     flags = rec.get("flags") or []
     if not isinstance(flags, list):
         raise DataError(f"{where}: flags must be a list of strings")
@@ -173,6 +179,8 @@ class Preferences:
 
         if isinstance(records, Preferences):
             return cls(records.records, records.source)
+        if isinstance(records, (str, Path)):
+            return cls.load(records, allow_empty=allow_empty)
         raw = read_records(records, "preferences")
         prefs = cls(apply_log([(f"record {i}", r) for i, r in enumerate(raw)]), source)
         return prefs if allow_empty else prefs.require()
@@ -183,9 +191,13 @@ class Preferences:
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataError(f"preferences file {str(path)!r} does not exist")
-        if path.suffix.lower() != ".jsonl":
-            return cls.from_records(path, allow_empty=allow_empty, source=str(path))
-        prefs = cls(apply_log(read_jsonl(path)), str(path))
+        if path.suffix.lower() == ".jsonl":
+            entries = read_jsonl(path)  # line numbers in errors; torn lines skipped
+        else:
+            from .engine.data import read_records
+
+            entries = [(f"{path.name}, record {i}", r) for i, r in enumerate(read_records(path, "preferences"))]
+        prefs = cls(apply_log(entries), str(path))
         return prefs if allow_empty else prefs.require()
 
     def require(self) -> Preferences:

@@ -167,6 +167,17 @@ def test_pandas_and_dataset_views():
     assert "2 ranked prompts" in repr(prefs) and "11 pairs" in repr(prefs)
 
 
+def test_round_trips_through_dataframe_dataset_and_paths(tmp_path):
+    prefs = Preferences.from_records([rec([0, [1, 2], 3], id="a"), rec([1, 0], responses=["x", "y"], id="b")])
+    for view in (prefs.to_pandas(), prefs.to_dataset()):
+        back = Preferences.from_records(view)
+        assert [r.groups for r in back.ranked()] == [[[0], [1, 2], [3]], [[1], [0]]]
+    path = write_lines(tmp_path / "p.jsonl", prefs.records)
+    assert Preferences.from_records(str(path)).records == prefs.records
+    with pytest.raises(DataError, match=r"record 0: ranking 'best' is not a list"):
+        Preferences.from_records([rec("best")])
+
+
 def test_agreement_counts_pairs_both_labelers_ranked():
     # bob saw the same answers in another order: answers are matched by text, not position
     shuffled = ["charlie", "alpha", "delta", "bravo"]
