@@ -1,4 +1,4 @@
-"""Writes the notebook the browser test runs: %load_ext, fixed answers, a K=4 panel and a pairwise panel."""
+"""The browser test's notebook (%load_ext, fixed answers, a K=4 and a pairwise panel) and screenshot folder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"  # git-ignored; CI keeps them
 PROMPTS = ["What does RLHF stand for?", "Name a primary colour.", "How many legs does a spider have?"]
 ANSWERS = [
     [

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from browser_notebook import SCREENSHOTS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROME_ARGS = [
@@ -37,7 +38,6 @@ CHROME_ARGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 
 def _missing() -> str | None:

@@ -7,8 +7,7 @@ import json
 import time
 
 import pytest
-from browser_notebook import ANSWERS, PROMPTS, write_notebook
-from conftest import SCREENSHOTS
+from browser_notebook import ANSWERS, PROMPTS, SCREENSHOTS, write_notebook
 
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
