@@ -28,6 +28,7 @@ _LAZY = {
     "LoraConfig": "config",
     "RLHFError": "errors",
     "RankingPanel": "widgets.ranking",
+    "ComparePanel": "widgets.compare",
     "Preferences": "preferences",
     "load_preferences": "preferences",
     "labelers": "labelers",

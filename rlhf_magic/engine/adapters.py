@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,7 +39,9 @@ def add_adapter(lm: LoadedModel, stem: str, cfg: LoraConfig, init_from: str | No
     name = unique_name(stem)
     pcfg = peft_config(lm.adapters[init_from] if init_from else cfg)
     if lm.peft is None:
-        lm.peft = get_peft_model(lm.model, pcfg, adapter_name=name)
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question
+            warnings.simplefilter("ignore", FutureWarning)
+            lm.peft = get_peft_model(lm.model, pcfg, adapter_name=name)
     else:
         lm.peft.add_adapter(name, pcfg)
     lm.adapters[name] = lm.adapters[init_from] if init_from else cfg

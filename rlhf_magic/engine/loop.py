@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +78,9 @@ class TrainState:
         total = max_steps or max(1, math.ceil(per_epoch * epochs))
         opt = make_optimizer(params, lr, runtime.device)
         sched = linear_schedule(opt, total)
-        module, opt, loader, sched = acc.prepare(module, opt, loader, sched)
+        with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
+            warnings.simplefilter("ignore", FutureWarning)
+            module, opt, loader, sched = acc.prepare(module, opt, loader, sched)
         return cls(acc, module, opt, sched, loader, params, total, runtime.device)
 
     def close(self) -> None:

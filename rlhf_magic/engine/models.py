@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ def _from_pretrained(spec: str, where: Path | str, device: torch.device, trust: 
     kw: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": True}
     try:
         tok = AutoTokenizer.from_pretrained(str(where), **kw)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_progress():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kw)
     except OSError as e:
@@ -168,6 +170,20 @@ def _from_pretrained(spec: str, where: Path | str, device: torch.device, trust: 
     fix_special_tokens(tok, model)
     _disable_dropout(model)
     return LoadedModel(spec, model.to(device).eval(), tok, str(where))
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No 'Loading weights' bars from transformers in the cell output (loads from disk take a second)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +90,9 @@ def train_ppo(
     optimizer = make_optimizer(state.trained, lr, runtime.device)
     if state.optimizer_state:
         optimizer.load_state_dict(state.optimizer_state)
-    module, optimizer = acc.prepare(PolicyValue(roles.lm.model, state.value_head), optimizer)
+    with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
+        warnings.simplefilter("ignore", FutureWarning)
+        module, optimizer = acc.prepare(PolicyValue(roles.lm.model, state.value_head), optimizer)
     emit.total = state.step + cfg.steps
     emit("start", state.step, payload={"config": cfg, "prompts": len(prompts), "handle": handle})
     order = _prompt_order(len(prompts), cfg.seed + state.step)
