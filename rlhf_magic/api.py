@@ -74,14 +74,18 @@ def load_policy(
     session: Any = None,
     device: str | None = None,
     precision: str | None = None,
+    chat: bool = True,
 ) -> Any:
-    """A policy handle for a model as it is (no training), e.g. the base model to compare against."""
+    """A policy handle for a model as it is (no training), e.g. the base model to compare against.
+
+    `chat=False` feeds prompts as raw text, without the chat template: how a pretrained model sees text.
+    """
     from .engine.handles import PolicyHandle
     from .engine.runtime import resolve_runtime
 
     runtime = resolve_runtime(session, device=device, precision=precision)
     lm = runtime.load(model)
-    handle = PolicyHandle(name or "base", "base", lm, None, None, (model,), runtime)
+    handle = PolicyHandle(name or "base", "base", lm, None, None, (model,), runtime, chat=chat)
     if session is not None:
         session.add(handle)
     return handle

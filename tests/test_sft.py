@@ -147,3 +147,11 @@ def test_handle_html_repr_names_lineage_and_metrics(pairs):
     h = api.sft("mine", model="tiny", data=pairs, max_steps=2, progress=False)
     html = h._repr_html_()
     assert "mine" in html and "tiny" in html and "LoRA adapter" in html and "eval/loss" in html
+
+
+def test_logprobs_rank_the_trained_answer_above_an_unseen_one(pairs):
+    h = api.sft("lp", model="tiny", data=pairs, max_steps=30, lr=3e-3, progress=False)
+    trained, other = h.logprobs(["What is 3 plus 3?"] * 2, ["The answer is 6.", "zq xv"])
+    assert trained > other
+    raw = api.load_policy("tiny", chat=False)
+    assert raw.chat is False and len(raw.generate(["Once upon a time"], max_new_tokens=4)) == 1

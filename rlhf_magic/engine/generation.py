@@ -31,9 +31,11 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int = 1024) -> list[list[int]]:
-    """Chat-formatted prompt ids, keeping the last `max_prompt_tokens` tokens of very long prompts."""
-    return [encode(lm.tokenizer, format_prompt(lm.tokenizer, p))[-max_prompt_tokens:] for p in prompts]
+def encode_prompts(
+    lm: LoadedModel, prompts: list[str], max_prompt_tokens: int = 1024, chat: bool = True
+) -> list[list[int]]:
+    """Chat-formatted prompt ids (raw text ids with chat=False), keeping the last `max_prompt_tokens` tokens."""
+    return [encode(lm.tokenizer, format_prompt(lm.tokenizer, p) if chat else p)[-max_prompt_tokens:] for p in prompts]
 
 
 @torch.no_grad()
@@ -48,10 +50,11 @@ def sample(
     seed: int | None = None,
     autocast: Any = None,
     min_new_tokens: int = 0,
+    chat: bool = True,
 ) -> Rollout:
     """Generate for every prompt (each repeated `num_return_sequences` times) in one batched call."""
     tok = lm.tokenizer
-    rows = [r for r in encode_prompts(lm, prompts) for _ in range(num_return_sequences)]
+    rows = [r for r in encode_prompts(lm, prompts, chat=chat) for _ in range(num_return_sequences)]
     device = next(lm.model.parameters()).device
     ids, mask = left_pad(rows, tok.pad_token_id, device)
     from transformers import GenerationConfig

@@ -13,10 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .adapters import adapter_parameters, merged_copy, use_adapter
-from .generation import decode, sample
+from .generation import decode, encode_prompts, left_pad, sample
 from .models import LoadedModel
 from .runtime import Runtime
+from .text import encode
 
 
 class Metrics:
@@ -105,10 +108,12 @@ class PolicyHandle(Handle):
         config: Any,
         parents: Iterable[str],
         runtime: Runtime,
+        chat: bool = True,
     ):
         super().__init__(name, stage, config, parents, runtime)
         self.lm = lm
         self.adapter = adapter
+        self.chat = chat  # False: prompts go in as raw text, the way a pretrained (base) model sees text
 
     @property
     def tokenizer(self) -> Any:
@@ -152,9 +157,37 @@ class PolicyHandle(Handle):
                 num_return_sequences=k,
                 seed=seed,
                 autocast=self.runtime.autocast,
+                chat=self.chat,
             )
         texts = decode(self.lm, out.responses)
         return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def logprobs(self, prompts: list[str], responses: list[str], batch_size: int = 8) -> list[float]:
+        """log p(response + EOS | prompt) under this policy (temperature 1), one number per pair."""
+        from .. import ops
+        from .modules import response_logits
+
+        out: list[float] = []
+        tok = self.lm.tokenizer
+        for i in range(0, len(prompts), batch_size):
+            pairs = list(zip(prompts[i : i + batch_size], responses[i : i + batch_size]))
+            queries = encode_prompts(self.lm, [p for p, _ in pairs], chat=self.chat)
+            answers = [[*encode(tok, r), tok.eos_token_id] for _, r in pairs]
+            q_ids, q_mask = left_pad(queries, tok.pad_token_id, self.runtime.device)
+            width = max(len(a) for a in answers)
+            a_ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
+            a_mask = torch.zeros((len(pairs), width))
+            for j, a in enumerate(answers):
+                a_ids[j, : len(a)], a_mask[j, : len(a)] = torch.tensor(a), 1
+            a_ids, a_mask = a_ids.to(q_ids.device), a_mask.to(q_ids.device)
+            with use_adapter(self.lm, self.adapter), self.runtime.autocast():
+                logits = response_logits(
+                    self.lm.model, torch.cat([q_ids, a_ids], 1), torch.cat([q_mask, a_mask.long()], 1), q_ids.shape[1]
+                )
+            lp = ops.logprobs_from_logits(logits, a_ids)
+            out += (lp * a_mask).sum(1).tolist()
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """A checkpoint that `from_pretrained(path)` and `model = "<path>"` load back (adapters merged)."""
