@@ -151,7 +151,7 @@ def test_handle_html_repr_names_lineage_and_metrics(pairs):
 
 def test_logprobs_rank_the_trained_answer_above_an_unseen_one(pairs):
     h = api.sft("lp", model="tiny", data=pairs, max_steps=30, lr=3e-3, progress=False)
-    trained, other = h.logprobs(["What is 3 plus 3?"] * 2, ["The answer is 6.", "zq xv"])
+    trained, other = h.logprobs(["What is 3 plus 3?"] * 2, ["The answer is 6.", "Qzv xwkjy jq 6!"])
     assert trained > other
     raw = api.load_policy("tiny", chat=False)
     assert raw.chat is False and len(raw.generate(["Once upon a time"], max_new_tokens=4)) == 1
