@@ -210,7 +210,7 @@ class Cards:
         submit.description = "Replace" if replacing else "Submit"
         self.buttons["back"].disabled = index == 0
         self.buttons["skip"].disabled = index is None
-        for j, card in enumerate(c for c in self._card_widgets()):
+        for j, card in enumerate(self._card_widgets()):
             card.layout.border = self._border(j, groups)
         if index is None:
             self.summary.value = ""
