@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +16,19 @@ import torch
 
 from .. import ops
 from ..config import RewardConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..events import Callback, Emitter, StopControl
 from .adapters import add_adapter, train_only, use_adapter
 from .handles import PolicyHandle
 from .loop import TrainState, run_steps
+from .models import LoadedModel
 from .reward_model import RankingLoss, RewardHandle, answer_ids, make_head, right_pad
 from .runtime import Runtime, seed_everything
 from .sft import resolve_start
 
-NORMALIZE_PROMPTS = 16
+NORM_PROMPTS, NORM_SAMPLES = 16, 2  # SFT answers scored for the normalisation: 2 per prompt, up to 16 prompts
 SHOWN = 3
+REPORT_MAX = 128  # with nothing held out, the closing report scores a sample of this many training prompts
 
 
 @dataclass
@@ -37,91 +42,169 @@ class Item:
 
 
 def train_reward(
-    cfg: RewardConfig, name: str, runtime: Runtime, callbacks: Sequence[Callback] = (), stop: StopControl | None = None
+    cfg: RewardConfig,
+    name: str,
+    runtime: Runtime,
+    callbacks: Sequence[Callback] = (),
+    stop: StopControl | None = None,
+    policies: Any = None,
 ) -> RewardHandle:
+    """`policies` (the session) resolves the policy names in the records, for the tokenizer check."""
     stop = stop or StopControl()
     emit = Emitter("reward", callbacks)
+    check_config(cfg)
     seed_everything(cfg.seed)
-    # 1. the backbone: the SFT weights (a new adapter copied from the SFT adapter, or a private full copy)
-    lm, init_from, parents = resolve_start(cfg, runtime)
+    # 1. the rankings (checked before any model loads), then the backbone: the SFT weights, shared through LoRA
+    prefs = to_preferences(cfg.data)
+    lm, init_from, parents = backbone(cfg, runtime)
+    check_tokenizers(prefs, lm, cfg, policies)
     # 2. rankings -> tokenized items -> train / held-out split by prompt
-    train, evals = split(load_items(cfg.data, lm.tokenizer, cfg.max_length), cfg.eval_fraction, cfg.seed)
-    # 3. trainables: the adapter (or every backbone weight) and a fresh scalar head
-    adapter = add_adapter(lm, f"{name}-rm", cfg.lora, init_from=init_from) if cfg.lora else None
+    train, evals = split(load_items(prefs, lm.tokenizer, cfg.max_length), cfg.eval_fraction, cfg.seed)
+    # 3. trainables: a fresh scalar head and the adapter (a copy of the SFT adapter), or every backbone weight
     head = make_head(lm.model.config.hidden_size, runtime.device)
-    handle = RewardHandle(name, lm, adapter, head, cfg, (*parents, *_data_parent(cfg.data)), runtime, cfg.max_length)
+    adapter = add_adapter(lm, f"{name}-rm", cfg.lora, init_from=init_from) if cfg.lora else None
+    handle = RewardHandle(
+        name, lm, adapter, head, cfg, (*parents, data_source(cfg.data, prefs)), runtime, cfg.max_length
+    )
+    # 4. answers of the SFT policy for the normalisation, sampled before any weight moves
+    norm = sample_sft(lm, init_from, runtime, [it.prompt for it in train], cfg.seed) if cfg.normalize else None
+    # 5. optimizer, schedule, accelerate; each batch holds `batch_size` prompts with all their answers
     params = handle.trainable_parameters()
     train_only(lm.model, params)
-    # 4. optimizer, schedule, accelerate; each batch holds `batch_size` prompts with all their answers
-    lr = cfg.lr or (1e-4 if cfg.lora else 1e-5)
     pad = lm.tokenizer.pad_token_id
     state = TrainState.build(
-        runtime,
-        RankingLoss(lm.model, head, cfg.margin),
-        params,
-        lr,
-        cfg.grad_accum,
-        cfg.seed,
-        train,
-        cfg.batch_size,
-        lambda b: collate(b, pad),
-        cfg.epochs,
-        cfg.max_steps,
-    )
+        runtime, RankingLoss(lm.model, head, cfg.margin), params, cfg.lr or (1e-4 if cfg.lora else 1e-5),
+        cfg.grad_accum, cfg.seed, train, cfg.batch_size, lambda b: collate(b, pad), cfg.epochs, cfg.max_steps,
+    )  # fmt: skip
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
-    # 5. the loop, with held-out accuracy every ~10% of the steps
+    # 6. the loop, with held-out accuracy every ~10% of the steps; eval mode keeps every dropout off
     evaluate = (lambda: evaluate_items(handle, evals, cfg.batch_size, cfg.margin)) if evals else None
-    lm.model.train()
+    lm.model.eval()
     try:
         with stop.catch_interrupt(), use_adapter(lm, adapter):
             run_steps(state, emit, stop, handle.metrics, evaluate, tokens_of=lambda b: int(b["attention_mask"].sum()))
     finally:
-        lm.model.eval()
         train_only(lm.model, [])
         state.close()
-    # 6. normalise on answers sampled from the SFT policy, then show what the model learned
-    if cfg.normalize:
-        normalize(handle, cfg, [it.prompt for it in train], emit)
-    report(handle, evals or train, cfg.batch_size, emit)
-    handle.metrics.summary.update(_summary(handle, state, stop))
+    # 7. normalise on the SFT answers, then show what the model learned
+    norm_stats = normalize(handle, cfg.normalize, *norm) if norm else {}
+    shown = evals or random.Random(cfg.seed).sample(train, min(REPORT_MAX, len(train)))
+    final = report(handle, shown, cfg.batch_size, emit)
+    handle.metrics.summary.update({**_summary(handle, state, stop, final, bool(evals)), **norm_stats})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
         handle.save(cfg.output_dir)
     return handle
 
 
+def backbone(cfg: RewardConfig, runtime: Runtime) -> tuple[LoadedModel, str | None, tuple[str, ...]]:
+    """(model, SFT adapter to copy, parents) as SFT resolves them; a stacked-adapter policy cannot seed LoRA."""
+    lm, init_from, parents = resolve_start(cfg, runtime)
+    if isinstance(init_from, list):
+        raise ConfigError(
+            f"model = {parents[0]}: a policy of stacked adapters (a PPO result) cannot seed one LoRA adapter; "
+            f"start from its SFT policy, or set lora = False to train a merged copy"
+        )
+    return lm, init_from, parents
+
+
+def check_config(cfg: RewardConfig) -> None:
+    checks = [
+        ("batch_size", cfg.batch_size >= 1, "a positive number of prompts"),
+        ("grad_accum", cfg.grad_accum >= 1, "a positive integer"),
+        ("epochs", cfg.epochs > 0, "a positive number"),
+        ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, "a positive integer or None"),
+        ("max_length", cfg.max_length >= 2, "at least 2 tokens"),
+        ("eval_fraction", 0 <= cfg.eval_fraction < 1, "a share from 0 up to (not including) 1, e.g. 0.2"),
+        ("margin", math.isfinite(cfg.margin), "a finite number"),
+        ("lr", cfg.lr is None or cfg.lr > 0, "a positive number"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} = {getattr(cfg, key)!r} is not valid; expected {expected}")
+
+
 def to_preferences(data: Any) -> Any:
+    """Preferences, a RankingPanel, records (rankings or pairs), a Dataset, a DataFrame or a path -> Preferences."""
     from ..preferences import Preferences
+    from .data import read_records
 
-    data = getattr(data, "preferences", data)  # a RankingPanel hands over what was labelled
-    if isinstance(data, (str, Path)) and str(data).endswith(".jsonl"):
-        return Preferences.load(data)
-    return Preferences.from_records(data)
+    if hasattr(type(data), "preferences"):  # a RankingPanel hands over what was labelled
+        data = data.preferences
+    if isinstance(data, Preferences):
+        return data.require()
+    if isinstance(data, (str, Path)) and str(data).lower().endswith(".jsonl"):
+        return Preferences.load(data)  # the panel's log: retractions and replacements applied
+    if isinstance(data, (str, Path)):
+        return Preferences.from_records(data, source=str(data))
+    return Preferences.from_records([_json_ranking(r) for r in read_records(data, "data")])
 
 
-def load_items(data: Any, tokenizer: Any, max_length: int) -> list[Item]:
+def _json_ranking(rec: dict) -> dict:
+    """`Preferences.to_dataset()` stores each ranking as JSON text (ragged nesting); read it back as a list."""
+    ranking = rec.get("ranking")
+    if isinstance(ranking, str) and ranking.lstrip().startswith("["):
+        try:
+            return {**rec, "ranking": json.loads(ranking)}
+        except json.JSONDecodeError:
+            pass
+    return rec
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    return a is b or (len(a) == len(b) and a.eos_token_id == b.eos_token_id and a.get_vocab() == b.get_vocab())
+
+
+def check_tokenizers(prefs: Any, lm: LoadedModel, cfg: RewardConfig, policies: Any) -> None:
+    """The policy that wrote a record's answers (a session result, or the panel's policy) must share the backbone's
+    tokenizer: PPO feeds that policy's token rows straight into this reward model."""
+    panel_policy = getattr(cfg.data, "policy", None)
+    other: dict[str, Any] = {}  # policy name -> its tokenizer when it differs, else None
+    for i, rec in enumerate(prefs.records):
+        name = rec.get("policy")
+        if not isinstance(name, str) or not name:
+            continue
+        if name not in other:
+            src = panel_policy if getattr(panel_policy, "name", None) == name else None
+            if src is None and policies is not None and name in policies:
+                src = policies[name]
+            tok = getattr(src, "tokenizer", None)
+            other[name] = None if tok is None or same_tokenizer(tok, lm.tokenizer) else tok
+        if other[name] is not None:
+            model = getattr(cfg.model, "name", cfg.model)
+            raise DataError(
+                f"record {i} (prompt {rec['prompt'][:40]!r}): its answers come from policy {name!r}, whose tokenizer "
+                f"differs from that of model {model!r} ({len(other[name])} vs {len(lm.tokenizer)} tokens); PPO feeds "
+                f"that policy's tokens to the reward model, so set model = {name} (or a model with the same tokenizer)"
+            )
+
+
+def data_source(data: Any, prefs: Any) -> str:
+    """The preferences' name in the lineage: their file, or how many rankings were passed in memory."""
+    if isinstance(data, (str, Path)):
+        return str(data)
+    return prefs.source or f"{len(prefs)} rankings"
+
+
+def load_items(prefs: Any, tokenizer: Any, max_length: int) -> list[Item]:
     """Every ranked prompt with at least one comparison (all-tied rankings teach nothing and are skipped)."""
     items = [
-        Item(
-            r.prompt,
-            list(r.responses),
-            [answer_ids(tokenizer, r.prompt, a, max_length) for a in r.responses],
-            [list(g) for g in r.groups],
-        )
-        for r in to_preferences(data).ranked()
+        Item(r.prompt, list(r.responses), [answer_ids(tokenizer, r.prompt, a, max_length) for a in r.responses],
+             [list(g) for g in r.groups])
+        for r in prefs.ranked()
         if len(r.groups) > 1
-    ]
+    ]  # fmt: skip
     if not items:
-        raise DataError("the preferences have no comparison to learn from (every ranking is a single tie)")
+        raise DataError("the preferences have no comparison to learn from: every ranking ties all its answers")
     return items
 
 
 def split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """Hold out whole prompts (every answer of a prompt lands on the same side)."""
+    """Hold out whole prompts (every answer of a prompt lands on the same side); at least one prompt trains."""
     prompts = sorted({it.prompt for it in items})
     random.Random(seed).shuffle(prompts)
-    n_eval = round(fraction * len(prompts)) if len(prompts) >= 4 else 0
+    n_eval = min(round(fraction * len(prompts)), len(prompts) - 1) if len(prompts) >= 4 else 0
     held = set(prompts[:n_eval])
     return [it for it in items if it.prompt not in held], [it for it in items if it.prompt in held]
 
@@ -139,7 +222,6 @@ def collate(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-@torch.no_grad()
 def item_scores(handle: RewardHandle, items: list[Item], batch_size: int) -> list[torch.Tensor]:
     """Raw scores of every answer, one tensor per item."""
     out: list[torch.Tensor] = []
@@ -153,12 +235,7 @@ def item_scores(handle: RewardHandle, items: list[Item], batch_size: int) -> lis
 
 
 def evaluate_items(handle: RewardHandle, items: list[Item], batch_size: int, margin: float) -> dict[str, float]:
-    was_training = handle.lm.model.training
-    handle.lm.model.eval()
-    try:
-        scores = torch.cat(item_scores(handle, items, batch_size))
-    finally:
-        handle.lm.model.train(was_training)
+    scores = torch.cat(item_scores(handle, items, batch_size))
     pairs = ops.ranking_pairs([it.groups for it in items], sizes=[len(it.rows) for it in items])
     return {
         "eval/loss": float(ops.pairwise_ranking_loss(scores, *pairs, margin=margin)),
@@ -166,70 +243,63 @@ def evaluate_items(handle: RewardHandle, items: list[Item], batch_size: int, mar
     }
 
 
-def normalize(handle: RewardHandle, cfg: RewardConfig, prompts: list[str], emit: Emitter) -> None:
-    """Shift (and with 'gain', scale) scores so answers sampled from the SFT policy score mean 0 (std 1)."""
-    src = (
-        cfg.model
-        if isinstance(cfg.model, PolicyHandle)
-        else PolicyHandle("base", "base", handle.lm, None, None, (), handle.runtime)
-    )
-    chosen = sorted(set(prompts))[:NORMALIZE_PROMPTS]
-    answers = src.generate(chosen, max_new_tokens=48, temperature=0.7, seed=cfg.seed)
+def sample_sft(
+    lm: LoadedModel, adapter: str | None, runtime: Runtime, prompts: list[str], seed: int
+) -> tuple[list[str], list[str]]:
+    """(prompts, answers) sampled from the SFT policy, i.e. the weights training starts from, on training prompts."""
+    sft = PolicyHandle("sft", "sft", lm, adapter, None, (), runtime)
+    unique = sorted(set(prompts))
+    chosen = random.Random(seed).sample(unique, min(NORM_PROMPTS, len(unique)))
+    answers = sft.sample(chosen, NORM_SAMPLES, max_new_tokens=48, temperature=0.7, seed=seed)
+    return [p for p in chosen for _ in range(NORM_SAMPLES)], [a for group in answers for a in group]
+
+
+def normalize(handle: RewardHandle, mode: bool | str, prompts: list[str], answers: list[str]) -> dict[str, float]:
+    """Shift (and with 'gain', scale) scores so the SFT policy's answers score mean 0 (and std 1)."""
     handle.mean, handle.gain = 0.0, 1.0
-    raw = handle.score(chosen, answers)
+    raw = handle.score(prompts, answers)
     handle.mean = statistics.fmean(raw)
-    if cfg.normalize == "gain" and len(raw) > 1:
+    if mode == "gain" and len(raw) > 1:
         handle.gain = 1.0 / max(statistics.stdev(raw), 1e-6)
-    handle.metrics.summary.update({"norm/mean": handle.mean, "norm/gain": handle.gain, "norm/samples": len(raw)})
+    return {"norm/mean": handle.mean, "norm/gain": handle.gain, "norm/samples": len(raw)}
 
 
-def report(handle: RewardHandle, items: list[Item], batch_size: int, emit: Emitter) -> None:
-    """A histogram of chosen vs rejected scores, and the most and least preferred answers."""
-    scores = [(s - handle.mean) * handle.gain for s in item_scores(handle, items, batch_size)]
+def report(handle: RewardHandle, items: list[Item], batch_size: int, emit: Emitter) -> float:
+    """A histogram of chosen vs rejected scores and the most and least preferred answers; returns the accuracy."""
+    raw = item_scores(handle, items, batch_size)
+    scores = [(s - handle.mean) * handle.gain for s in raw]
     chosen, rejected = [], []
     for it, s in zip(items, scores):
         for gi, better in enumerate(it.groups):
             for worse in it.groups[gi + 1 :]:
                 chosen += [float(s[b]) for b in better for _ in worse]
                 rejected += [float(s[w]) for _ in better for w in worse]
-    emit(
-        "histogram",
-        payload={
-            "title": "scores of chosen vs rejected answers",
-            "xlabel": "reward",
-            "series": {"chosen": chosen, "rejected": rejected},
-        },
-    )
+    title = f"scores of chosen vs rejected answers ({len(chosen)} pairs)"
+    emit("histogram", payload={"title": title, "xlabel": "reward", "series": {"chosen": chosen, "rejected": rejected}})
     flat = sorted(
         ((float(s[i]), it.prompt, a) for it, s in zip(items, scores) for i, a in enumerate(it.responses)),
         key=lambda t: t[0],
     )
+    ends = [("top", list(reversed(flat[-SHOWN:]))), ("bottom", flat[:SHOWN])]
     rows = [
-        {"rank": f"top {k + 1}", "score": sc, "prompt": p, "answer": a}
-        for k, (sc, p, a) in enumerate(reversed(flat[-SHOWN:]))
-    ]
-    rows += [
-        {"rank": f"bottom {k + 1}", "score": sc, "prompt": p, "answer": a} for k, (sc, p, a) in enumerate(flat[:SHOWN])
+        {"rank": f"{side} {k + 1}", "score": sc, "prompt": p, "answer": a}
+        for side, picked in ends
+        for k, (sc, p, a) in enumerate(picked)
     ]
     emit("samples", payload={"title": "most and least preferred answers", "rows": rows})
+    pairs = ops.ranking_pairs([it.groups for it in items], sizes=[len(it.rows) for it in items])
+    return float(ops.pairwise_accuracy(torch.cat(raw), *pairs))
 
 
-def _data_parent(data: Any) -> tuple[str, ...]:
-    if isinstance(data, (str, Path)):
-        return (str(data),)
-    src = getattr(data, "source", None) or getattr(getattr(data, "preferences", None), "source", None)
-    return (str(src),) if src else ("preferences",)
-
-
-def _summary(handle: RewardHandle, state: TrainState, stop: StopControl) -> dict[str, Any]:
+def _summary(handle: RewardHandle, state: TrainState, stop: StopControl, final: float, held: bool) -> dict[str, Any]:
+    """`eval/accuracy` is measured on every held-out prompt at the end (with none held out, `train/accuracy` on up to
+    REPORT_MAX training prompts)."""
     m = handle.metrics
-    out: dict[str, Any] = {
-        "steps": state.step,
-        "train/loss": m.last("train/loss"),
-        "train/accuracy": m.last("train/accuracy"),
-    }
-    if m.last("eval/accuracy") is not None:
-        out["eval/accuracy"] = m.last("eval/accuracy")
+    out: dict[str, Any] = {"steps": state.step}
+    if held:
+        out["eval/accuracy"] = final
+    out.update({"train/loss": m.last("train/loss"), "train/accuracy": final if not held else m.last("train/accuracy")})
+    out["seconds"] = round(time.monotonic() - state.started, 1)
     if stop.requested:
         out["stopped"] = stop.reason
     return out

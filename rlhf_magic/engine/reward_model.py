@@ -48,11 +48,12 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def last_token_scores(model: Any, head: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Raw scores [N]: the head on the hidden state of each row's last real token."""
+    """Raw scores [N]: the head on the hidden state of each row's last real token (one trunk pass for N rows)."""
     hidden = hidden_states(model, ids, mask)
     last = mask.long().cumsum(1).argmax(1)  # index of the last 1, for left or right padding alike
     picked = hidden[torch.arange(ids.shape[0], device=ids.device), last]
-    return head(picked.float()).squeeze(-1)
+    with torch.autocast(ids.device.type, enabled=False):  # the scalar head stays in fp32 under mixed precision
+        return head(picked.float()).squeeze(-1)
 
 
 class RankingLoss(nn.Module):
@@ -99,15 +100,27 @@ class RewardHandle(Handle):
         s = self.metrics.summary
         return s.get("eval/accuracy", s.get("train/accuracy"))
 
+    @property
+    def lineage(self) -> dict[str, str | None]:
+        """Where this reward model came from: the SFT model (or checkpoint) and the preferences it learned."""
+        p = list(self.parents)
+        return {"model": p[0] if p else None, "preferences": p[1] if len(p) > 1 else None}
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         body = adapter_parameters(self.lm, self.adapter) if self.adapter else list(self.lm.model.parameters())
         return body + list(self.head.parameters())
 
     @torch.no_grad()
     def raw_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unnormalised scores of token rows (any padding side), in eval mode."""
-        with use_adapter(self.lm, self.adapter), self.runtime.autocast():
-            return last_token_scores(self.lm.model, self.head, ids, mask).float()
+        """Unnormalised scores of token rows (any padding side), always in eval mode (no dropout anywhere)."""
+        model = self.lm.model
+        was_training = model.training
+        model.eval()
+        try:
+            with use_adapter(self.lm, self.adapter), self.runtime.autocast():
+                return last_token_scores(model, self.head, ids, mask).float()
+        finally:
+            model.train(was_training)
 
     def score_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalised scores [N] of token rows written with this model's tokenizer."""
@@ -115,6 +128,10 @@ class RewardHandle(Handle):
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """One normalised score per (prompt, response), computed in batches."""
+        if isinstance(prompts, str) and isinstance(responses, str):
+            prompts, responses = [prompts], [responses]
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise DataError("score() takes a list of prompts and a list of responses (or one string of each)")
         if len(prompts) != len(responses):
             raise DataError(f"score() got {len(prompts)} prompts and {len(responses)} responses; give one each")
         out: list[float] = []
@@ -155,6 +172,7 @@ class RewardHandle(Handle):
     def _rows(self) -> list[tuple[str, str]]:
         acc = self.accuracy
         rows = [
+            ("trained from", f"{self.lineage['model']} on {self.lineage['preferences']}"),
             ("base model", self.lm.spec),
             ("weights", f"LoRA adapter {self.adapter} + scalar head" if self.adapter else "full model + head"),
             ("held-out accuracy", f"{acc:.1%}" if acc is not None else "n/a"),
