@@ -34,6 +34,9 @@ class LoraConfig:
     target_modules: str | tuple[str, ...] = setting(
         "all-linear", "modules that get adapters: 'all-linear' or a list such as ['q_proj', 'v_proj']"
     )
+    layers: int | None = setting(
+        None, "adapt only the top N transformer layers (backward stops there: much faster on a CPU)"
+    )
 
 
 Device = Literal["cuda", "mps", "cpu"]

@@ -155,3 +155,13 @@ def test_logprobs_rank_the_trained_answer_above_an_unseen_one(pairs):
     assert trained > other
     raw = api.load_policy("tiny", chat=False)
     assert raw.chat is False and len(raw.generate(["Once upon a time"], max_new_tokens=4)) == 1
+
+
+def test_lora_layers_adapts_only_the_top_layers(pairs):
+    h = api.sft("top", model="tiny", data=pairs, max_steps=2, lora={"layers": 1}, progress=False)
+    names = [n for n, _ in h.lm.model.named_parameters() if f".{h.adapter}." in n]
+    assert names and all(".layers.1." in n for n in names)  # the tiny model has layers 0 and 1
+    from rlhf_magic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.layers = 5 is not valid"):
+        api.sft("bad", model="tiny", data=pairs, max_steps=1, lora={"layers": 5}, progress=False)

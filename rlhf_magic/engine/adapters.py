@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig
+from ..errors import ConfigError
 from .models import LoadedModel
 
 _ids = itertools.count(1)
@@ -25,11 +26,38 @@ def unique_name(stem: str) -> str:
     return f"{stem}-{next(_ids)}"
 
 
-def peft_config(cfg: LoraConfig) -> Any:
+def peft_config(cfg: LoraConfig, model: Any = None) -> Any:
     from peft import LoraConfig as PeftLora
 
     targets: Any = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
-    return PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+    top: Any = None
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if cfg.layers is not None and n_layers:
+        if not 1 <= cfg.layers <= n_layers:
+            raise ConfigError(
+                f"lora.layers = {cfg.layers} is not valid; expected a number of layers from 1 to {n_layers}"
+            )
+        top = list(range(n_layers - cfg.layers, n_layers))
+        if targets == "all-linear":  # peft needs module names when it picks layers
+            targets = linear_names(model)
+    return PeftLora(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        layers_to_transform=top,
+    )
+
+
+def linear_names(model: Any) -> list[str]:
+    """Leaf names of the linear layers inside the transformer blocks (what 'all-linear' means)."""
+    head, names = model.get_output_embeddings(), set()
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m is not head and ".layers." in f".{n}" and "lora_" not in n:
+            parts = n.split(".")
+            names.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # peft wraps adapted layers
+    return sorted(names)
 
 
 def add_adapter(lm: LoadedModel, stem: str, cfg: LoraConfig, init_from: str | None = None) -> str:
@@ -37,7 +65,7 @@ def add_adapter(lm: LoadedModel, stem: str, cfg: LoraConfig, init_from: str | No
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     name = unique_name(stem)
-    pcfg = peft_config(lm.adapters[init_from] if init_from else cfg)
+    pcfg = peft_config(lm.adapters[init_from] if init_from else cfg, lm.model)
     if lm.peft is None:
         with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question
             warnings.simplefilter("ignore", FutureWarning)
