@@ -301,6 +301,7 @@ def _summary(handle: PPOHandle, stop: StopControl) -> dict[str, Any]:
     for key in ("ppo/objective/scores", "ppo/objective/kl", "ppo/objective/rlhf_reward"):
         if m.last(key) is not None:
             out[key] = m.last(key)
+    out["seconds"] = round(sum(m["ppo/time/step_s"]), 1) if m.last("ppo/time/step_s") is not None else 0.0
     if stop.requested:
         out["stopped"] = stop.reason
     return out
