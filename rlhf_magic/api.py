@@ -175,7 +175,9 @@ def _ppo_config(cfg: PPOConfig, session: Any) -> PPOConfig:
 
     from .engine.handles import PolicyHandle
 
-    for key in ("steps", "batch_size", "mini_batch_size", "num_ppo_epochs", "max_new_tokens"):
+    for key in ("steps", "batch_size", "mini_batch_size", "num_ppo_epochs", "max_new_tokens", "micro_batch_size"):
+        if getattr(cfg, key) is None:
+            continue
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} = {getattr(cfg, key)} is not valid; expected a positive integer")
     if cfg.temperature <= 0:

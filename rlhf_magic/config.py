@@ -99,6 +99,9 @@ class PPOConfig:
     steps: int = setting(50, "PPO iterations (one rollout batch and its updates each)")
     batch_size: int = setting(8, "prompts per rollout")
     mini_batch_size: int = setting(8, "rollouts per gradient step inside an update epoch")
+    micro_batch_size: int | None = setting(
+        None, "answers per forward/backward chunk (same update, less memory; default: 2 on a CPU, all on a GPU)"
+    )
     num_ppo_epochs: int = setting(4, "passes over each rollout batch")
     lr: float | None = setting(None, "learning rate (default: 1e-4 with LoRA, 3e-6 for full fine-tuning)")
     kl_coef: float = setting(0.05, "weight of the per-token KL penalty to the reference (initial value if adaptive)")

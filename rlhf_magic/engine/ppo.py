@@ -167,51 +167,85 @@ def update(
     kl_coef: float,
     params: list[nn.Parameter],
 ) -> dict[str, list[float]]:
-    """num_ppo_epochs passes of minibatches. With one minibatch per batch, epoch 1 reuses its own forward pass
-    as the rollout's logprobs and values (the weights have not changed yet), which saves a full forward."""
+    """num_ppo_epochs passes of minibatches, each minibatch in micro-batches (gradients add up to the same step).
+
+    When one micro-batch holds the whole batch, epoch 1 reuses its own forward pass as the rollout's logprobs and
+    values (the weights have not changed yet), which saves a full forward pass."""
     n = ro.input_ids.shape[0]
     mbs = min(cfg.mini_batch_size, n)
+    micro = min(micro_batch_size(cfg, acc.device), mbs)
     stats: dict[str, list[float]] = {}
-    merged = mbs >= n
+    merged = micro >= n
     if not merged:
         with torch.no_grad(), acc.autocast():
-            lp, v, _ = R.policy_forward(module, ro, cfg.temperature)
-        ro.logprobs, ro.values = lp, v.float()
+            for idx in torch.arange(n).split(micro):
+                lp, v, _ = R.policy_forward(module, _rows(ro, idx), cfg.temperature, entropy=False)
+                ro.logprobs = lp if ro.logprobs is None else torch.cat([ro.logprobs, lp])
+                ro.values = v.float() if ro.values is None else torch.cat([ro.values, v.float()])
         R.advantages(ro, cfg, kl_coef)
     for epoch in range(cfg.num_ppo_epochs):
         perm = torch.arange(n) if merged else torch.randperm(n)
         for i in range(0, n, mbs):
-            idx = perm[i : i + mbs]
-            with acc.autocast():
-                lp, v, ent = R.policy_forward(module, _rows(ro, idx), cfg.temperature)
-            if merged and epoch == 0:
-                ro.logprobs, ro.values = lp.detach(), v.detach().float()
-                R.advantages(ro, cfg, kl_coef)
-            _minibatch_step(lp, v.float(), ent, ro, idx, cfg, optimizer, acc, params, stats)
+            _minibatch(
+                module,
+                perm[i : i + mbs],
+                micro,
+                ro,
+                cfg,
+                kl_coef,
+                optimizer,
+                acc,
+                params,
+                stats,
+                first=merged and epoch == 0,
+                entropy=epoch == 0,
+            )
     return stats
 
 
-def _minibatch_step(lp, v, ent, ro, idx, cfg, optimizer, acc, params, stats) -> None:  # type: ignore[no-untyped-def]
-    mask = ro.mask[idx]
-    pg = ops.clipped_surrogate_loss(lp, ro.logprobs[idx], ro.advantages[idx], mask, cfg.cliprange)
-    vf_loss, vf_clip = ops.clipped_value_loss(v, ro.values[idx], ro.returns[idx], mask, cfg.cliprange_value)
-    loss = pg.loss + cfg.vf_coef * vf_loss
-    acc.backward(loss)
+def micro_batch_size(cfg: PPOConfig, device: Any) -> int:
+    """Answers per forward/backward chunk: cfg.micro_batch_size, else 2 on a CPU (bounds peak memory) and the
+    whole minibatch on an accelerator."""
+    if cfg.micro_batch_size:
+        return cfg.micro_batch_size
+    return 2 if getattr(device, "type", str(device)) == "cpu" else cfg.mini_batch_size
+
+
+def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, stats, first, entropy) -> None:  # type: ignore[no-untyped-def]
+    """One optimizer step over the minibatch `idx`; each chunk's loss is weighted by its share of the tokens,
+    so the summed gradients equal those of the minibatch's masked-mean loss."""
+    total = ro.mask[idx].sum().clamp_min(1)
+    rows: dict[str, float] = {}
+    for chunk in idx.split(micro):
+        with acc.autocast():
+            lp, v, ent = R.policy_forward(module, _rows(ro, chunk), cfg.temperature, entropy=entropy)
+        if first:
+            ro.logprobs, ro.values = lp.detach(), v.detach().float()
+            R.advantages(ro, cfg, kl_coef)
+        mask, share = ro.mask[chunk], float(ro.mask[chunk].sum() / total)
+        pg = ops.clipped_surrogate_loss(lp, ro.logprobs[chunk], ro.advantages[chunk], mask, cfg.cliprange)
+        vf_loss, vf_clip = ops.clipped_value_loss(
+            v.float(), ro.values[chunk], ro.returns[chunk], mask, cfg.cliprange_value
+        )
+        acc.backward((pg.loss + cfg.vf_coef * vf_loss) * share)
+        for key, val in {
+            "policy/loss": pg.loss,
+            "policy/clipfrac": pg.clipfrac,
+            "policy/approxkl": pg.approx_kl,
+            "val/loss": vf_loss,
+            "val/clipfrac": vf_clip,
+        }.items():
+            rows[key] = rows.get(key, 0.0) + float(val.detach()) * share
+        rows["policy/ratio_max"] = max(rows.get("policy/ratio_max", 0.0), float(pg.ratio_max))
+        if ent is not None:
+            rows["policy/entropy"] = rows.get("policy/entropy", 0.0) + float(ops.masked_mean(ent, mask)) * share
     grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
     if torch.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for key, val in {
-        "policy/loss": pg.loss,
-        "policy/clipfrac": pg.clipfrac,
-        "policy/approxkl": pg.approx_kl,
-        "policy/ratio_max": pg.ratio_max,
-        "val/loss": vf_loss,
-        "val/clipfrac": vf_clip,
-        "policy/entropy": ops.masked_mean(ent, mask),
-        "grad_norm": grad_norm,
-    }.items():
-        stats.setdefault(key, []).append(float(val.detach()) if torch.is_tensor(val) else float(val))
+    rows["grad_norm"] = float(grad_norm)
+    for key, val in rows.items():
+        stats.setdefault(key, []).append(val)
 
 
 def _rows(ro: R.Rollout, idx: torch.Tensor) -> R.Rollout:

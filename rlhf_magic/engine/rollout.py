@@ -76,13 +76,18 @@ def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int) -> Rollout:
     return Rollout(prompts, texts, ids, attn, out.queries.shape[1], mask.to(torch.float32), has_eos)
 
 
-def policy_forward(module: PolicyValue, ro: Rollout, temperature: float) -> tuple[torch.Tensor, ...]:
-    """(logprobs, values, entropy) of the rollout's tokens under the current policy, from one trunk forward."""
+def policy_forward(
+    module: PolicyValue, ro: Rollout, temperature: float, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logprobs, values, entropy or None) of the rollout's tokens under the current policy, from one trunk
+    forward."""
     logits, values = module(ro.input_ids, ro.attention_mask, ro.start)
     logprobs = ops.logprobs_from_logits(logits, ro.responses, temperature)
-    with torch.no_grad():
-        entropy = ops.entropy_from_logits(logits.detach(), temperature)
-    return logprobs, values, entropy
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = ops.entropy_from_logits(logits.detach(), temperature)
+    return logprobs, values, ent
 
 
 @torch.no_grad()
