@@ -59,7 +59,8 @@ class Server:
     log: Path
 
     def api(self, path: str, method: str = "GET") -> object:
-        req = urllib.request.Request(f"{self.base}{path}?token={self.token}", method=method)
+        sep = "&" if "?" in path else "?"
+        req = urllib.request.Request(f"{self.base}{path}{sep}token={self.token}", method=method)
         with urllib.request.urlopen(req, timeout=10) as r:
             body = r.read()
         return json.loads(body) if body else None
@@ -68,12 +69,18 @@ class Server:
         prefix = "lab/tree" if ui == "lab" else "notebooks"
         return f"{self.base}/{prefix}/{notebook}?token={self.token}"
 
+    def kernel_state(self, notebook: str) -> str | None:
+        """The notebook's kernel execution_state from the REST API ("idle", "busy", "dead", ...), None if no session."""
+        for s in self.api("/api/sessions"):
+            if s["path"].endswith(notebook):
+                return s["kernel"]["execution_state"]
+        return None
+
     def wait_kernel_idle(self, notebook: str, timeout: float = 120) -> None:
         """The REST API is the ground truth (the toolbar indicator can say idle before the kernel exists)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            sessions = self.api("/api/sessions")
-            if any(s["path"].endswith(notebook) and s["kernel"]["execution_state"] == "idle" for s in sessions):
+            if self.kernel_state(notebook) == "idle":
                 return
             time.sleep(0.3)
         raise TimeoutError(f"no idle kernel for {notebook} after {timeout:.0f}s; see {self.log}")
@@ -101,11 +108,17 @@ def _env(work: Path) -> dict[str, str]:
     (notif / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False})
     )
+    # every cell attached and laid out (the default "contentVisibility" skips rendering off-screen cells, so their
+    # innerText and visibility are not what a reader scrolling there would get)
+    tracker = work / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     return env
 
 
 @pytest.fixture(scope="module")
-def jupyter_server() -> Iterator[Server]:
+def jupyter_server(request) -> Iterator[Server]:
+    """One server per test module; a module's `SERVER_ENV` dict goes into its environment (kernels inherit it)."""
     reason = _missing()
     if reason:
         pytest.skip(reason)
@@ -118,8 +131,9 @@ def jupyter_server() -> Iterator[Server]:
            "--port-retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
            "--ServerApp.allow_remote_access=False", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
            "--LabApp.news_url="]  # fmt: skip
+    env = _env(work) | dict(getattr(request.module, "SERVER_ENV", {}))
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=root, env=_env(work), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", token, root, log)
     try:

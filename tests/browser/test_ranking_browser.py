@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 
 import pytest
 from browser_notebook import ANSWERS, PROMPTS, SCREENSHOTS, write_notebook
+from lab_ui import run_all
 
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
-
-
-def run_all(page, server, ui: str, notebook: str) -> None:
-    page.goto(server.url(ui, notebook))
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-    server.wait_kernel_idle(notebook)
-    indicator = page.locator(".jp-Notebook-ExecutionIndicator").first
-    deadline = time.time() + 60
-    while time.time() < deadline and indicator.get_attribute("data-status") != "idle":
-        time.sleep(0.2)
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
-    with contextlib.suppress(Exception):  # the kernel picker can pop up on a slow start: accept the default
-        page.locator(".jp-Dialog .jp-mod-accept").click(timeout=2_000)
 
 
 def rank_button(panel, card: int, rank: str):
