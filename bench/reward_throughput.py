@@ -22,6 +22,7 @@ Prints one `RESULT {...}` line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -94,7 +95,7 @@ def engine_round(data: list[dict], args: argparse.Namespace, runtime) -> list[fl
         callbacks=[lambda ev: marks.append(time.perf_counter()) if ev.kind in ("start", "step") else None],
         session=Lender(runtime),
     )
-    return [b - a for a, b in zip(marks, marks[1:])][args.warmup :]
+    return [b - a for a, b in itertools.pairwise(marks)][args.warmup :]
 
 
 def token_pairs(data: list[dict], max_length: int, tokenizer) -> list[dict]:
@@ -172,7 +173,7 @@ def trl_side(args: argparse.Namespace) -> None:
             callbacks=[Timer()],
         )
         trainer.train()
-    steps = [b - a for a, b in zip(marks, marks[1:])][args.warmup :]
+    steps = [b - a for a, b in itertools.pairwise(marks)][args.warmup :]
     print("TRL " + json.dumps({"steps": steps, "trl": trl.__version__, "torch": torch.__version__}), flush=True)
 
 

@@ -191,9 +191,21 @@ def test_micro_batches_give_the_same_update_as_one_forward_pass(sft):
     """Chunking a minibatch (less memory) must not change the step: the chunk losses are token-weighted."""
     trained = []
     for micro in (8, 2):
-        h = api.ppo(f"m{micro}", policy=sft, reward=share_of_a, prompts=PROMPTS, steps=1, batch_size=8,
-                    mini_batch_size=8, micro_batch_size=micro, num_ppo_epochs=2, max_new_tokens=8, lr=1e-2,
-                    seed=5, progress=False)
+        h = api.ppo(
+            f"m{micro}",
+            policy=sft,
+            reward=share_of_a,
+            prompts=PROMPTS,
+            steps=1,
+            batch_size=8,
+            mini_batch_size=8,
+            micro_batch_size=micro,
+            num_ppo_epochs=2,
+            max_new_tokens=8,
+            lr=1e-2,
+            seed=5,
+            progress=False,
+        )
         trained.append([p.detach().clone() for p in h.trainable_parameters()])
         assert h.metrics.summary["steps"] == 1
     for a, b in zip(*trained):

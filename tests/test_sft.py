@@ -163,5 +163,5 @@ def test_lora_layers_adapts_only_the_top_layers(pairs):
     assert names and all(".layers.1." in n for n in names)  # the tiny model has layers 0 and 1
     from rlhf_magic.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="lora.layers = 5 is not valid"):
+    with pytest.raises(ConfigError, match=r"lora\.layers = 5 is not valid"):
         api.sft("bad", model="tiny", data=pairs, max_steps=1, lora={"layers": 5}, progress=False)
