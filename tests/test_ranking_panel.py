@@ -143,6 +143,25 @@ def test_answers_are_sampled_lazily_one_batched_call_per_prompt(path):
     assert len(policy.calls) == 2 and p.current_responses == lines(path)[0]["responses"]
 
 
+def test_while_answers_are_sampled_the_next_prompt_shows_without_the_old_cards(path):
+    seen = []
+
+    class Watching(FakePolicy):
+        def sample(self, prompts, k, **kw):
+            if hasattr(self, "panel"):
+                cards = self.panel.cards
+                seen.append((cards.prompt.value, len(cards.cards.children), cards.buttons["submit"].disabled))
+            return super().sample(prompts, k, **kw)
+
+    policy = Watching()
+    p = panel(path, policy=policy, k=3)
+    policy.panel = p
+    p.submit([0, 1, 2])
+    shown, n_cards, submit_disabled = seen[-1]
+    assert PROMPTS[1] in shown and PROMPTS[0] not in shown and "Sampling 3 answers" in shown
+    assert n_cards == 0 and submit_disabled
+
+
 def test_skip_leaves_the_prompt_for_later(path):
     p = panel(path)
     p.cards.buttons["skip"].click()

@@ -7,6 +7,7 @@ Every button has a method that does the same thing (`submit`, `skip`, `back`, `u
 
 from __future__ import annotations
 
+import html
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -229,7 +230,12 @@ class RankingPanel:
         if self._given is not None:
             answers = self._given[i]
         else:
-            self.cards.say(f"Sampling {self.k} answers from {policy_name(self.policy)}…")
+            # the next prompt, no cards: the previous prompt's answers never sit under it while these are sampled
+            self.cards.show_note(
+                f"Prompt {i + 1} of {len(self.prompts)}: <b>{html.escape(self.prompts[i])}</b><br>"
+                f"Sampling {self.k} answers from {html.escape(policy_name(self.policy))}…"
+            )
+            self._refresh()
             seed = None if self.seed is None else self.seed + i  # the same answers for prompt i on every run
             out = self.policy.sample([self.prompts[i]], self.k, seed=seed, **self.sampling)
             if len(out) != 1 or len(out[0]) != self.k:
