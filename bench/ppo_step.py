@@ -1,6 +1,6 @@
 """Seconds per PPO step, generated tokens/s and peak memory: rlhf-magic's engine vs TRL 1.12's PPOTrainer.
 
-    python bench/ppo_step.py [--steps 6] [--lora 1] [--trl-steps 6] [--skip-trl]
+    python bench/ppo_step.py [--steps 6] [--lora 1] [--trl-steps 6] [--skip-trl] [--lora-layers N] [--micro M]
 
 Same model (SmolLM2-135M-Instruct, fp32), same 64 chat prompts, batch 8, exactly 48 new tokens (EOS ignored, as
 in the reference), temperature 0.7, 4 PPO epochs x 1 minibatch, in the same run. Each side runs in its own process
@@ -32,7 +32,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_ours(steps: int, lora: bool) -> dict:
+def run_ours(steps: int, lora: bool, layers: int | None = None, micro: int | None = None) -> dict:
     import torch
 
     from rlhf_magic import api
@@ -67,7 +67,8 @@ def run_ours(steps: int, lora: bool) -> dict:
         num_ppo_epochs=EPOCHS,
         max_new_tokens=RESP,
         temperature=0.7,
-        lora={"r": 16, "alpha": 32} if lora else False,
+        lora={"r": 16, "alpha": 32, "layers": layers} if lora else False,
+        micro_batch_size=micro,
         lr=3e-6 if not lora else 1e-4,
         progress=False,
         callbacks=[clock],
@@ -76,6 +77,8 @@ def run_ours(steps: int, lora: bool) -> dict:
     return {
         "impl": "rlhf_magic",
         "lora": lora,
+        "lora_layers": layers or "all",
+        "micro_batch_size": micro or "auto",
         "steps": len(times),
         "step_s": statistics.median(steady),
         "first_step_s": times[0],
@@ -150,9 +153,10 @@ def run_trl(steps: int, lora: bool) -> dict:
     }
 
 
-def child(kind: str, steps: int, lora: bool) -> dict:
+def child(kind: str, steps: int, lora: bool, layers: int | None = None, micro: int | None = None) -> dict:
     """Run one side in a fresh process (its own peak memory)."""
     cmd = [sys.executable, __file__, "--child", kind, "--steps", str(steps), "--lora", str(int(lora))]
+    cmd += ["--lora-layers", str(layers or 0), "--micro", str(micro or 0)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((x for x in out.stdout.splitlines() if x.startswith("CHILD ")), None)
     if line is None:
@@ -166,14 +170,22 @@ def main() -> None:
     ap.add_argument("--trl-steps", type=int, default=None)
     ap.add_argument("--lora", type=int, default=1)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument(
+        "--lora-layers",
+        type=int,
+        default=0,
+        help="ours only: adapt the top N layers (0: all, the same adapter as the TRL reference)",
+    )
+    ap.add_argument("--micro", type=int, default=0, help="ours only: micro_batch_size (0: the engine's default)")
     ap.add_argument("--child", choices=["ours", "inference"])
     args = ap.parse_args()
     if args.child:
-        rec = run_ours(args.steps, bool(args.lora)) if args.child == "ours" else run_inference()
+        layers, micro = args.lora_layers or None, args.micro or None
+        rec = run_ours(args.steps, bool(args.lora), layers, micro) if args.child == "ours" else run_inference()
         print("CHILD " + json.dumps(rec), flush=True)
         return
     inference = child("inference", 0, False)
-    ours = child("ours", args.steps, bool(args.lora))
+    ours = child("ours", args.steps, bool(args.lora), args.lora_layers or None, args.micro or None)
     result = {
         "bench": "ppo_step",
         "batch": BATCH,

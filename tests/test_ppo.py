@@ -210,3 +210,71 @@ def test_micro_batches_give_the_same_update_as_one_forward_pass(sft):
         assert h.metrics.summary["steps"] == 1
     for a, b in zip(*trained):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_frozen_prefix_gives_the_same_hidden_states_and_scores(sft):
+    """Bottom layers without adapters run once per rollout; every role's result must equal the full forward."""
+    from rlhf_magic.config import LoraConfig
+    from rlhf_magic.engine.adapters import add_adapter, train_only, use_adapter
+    from rlhf_magic.engine.models import load_model
+    from rlhf_magic.engine.modules import frozen_depth, hidden_states, prefix_states
+    from rlhf_magic.engine.reward_model import last_token_scores, make_head
+
+    lm = load_model("tiny", torch.device("cpu"))  # a private copy: the adapters below stay out of other tests
+    top = add_adapter(lm, "top", LoraConfig(r=4, layers=1))
+    model = lm.model
+    train_only(model, [])
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so that a wrong split would show
+        for n, p in model.named_parameters():
+            if "lora_B" in n and ".top" in n:
+                p.normal_(0, 0.5)
+    assert frozen_depth(model, [top]) == 1  # tiny has 2 layers; the adapter sits in the top one
+    ids = torch.randint(5, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    head = make_head(model.config.hidden_size, ids.device)
+    prefix = prefix_states(model, ids, mask, 1)
+    with torch.no_grad(), use_adapter(lm, top):
+        full = hidden_states(model, ids, mask)
+        torch.testing.assert_close(hidden_states(model, ids, mask, prefix), full)
+        torch.testing.assert_close(
+            last_token_scores(model, head, ids, mask, prefix), last_token_scores(model, head, ids, mask)
+        )
+    with torch.no_grad(), use_adapter(lm, None):  # the reference role (adapters off) shares it too
+        torch.testing.assert_close(hidden_states(model, ids, mask, prefix), hidden_states(model, ids, mask))
+    everywhere = add_adapter(lm, "all", LoraConfig(r=4))
+    assert frozen_depth(model, [top]) == 1 and frozen_depth(model, [top, everywhere]) == 0
+    train_only(model, [next(model.get_input_embeddings().parameters())])
+    assert frozen_depth(model, [top]) == 0  # a trainable embedding: nothing below the adapters is frozen
+
+
+def test_ppo_with_a_shared_prefix_makes_the_same_update(sft, monkeypatch):
+    """lora.layers = 1: the bottom layer runs once per rollout; the step must equal the one without sharing."""
+    from rlhf_magic.engine import ppo as ppo_engine
+
+    trained, depths = [], []
+    real = ppo_engine.frozen_depth
+    for share in (True, False):
+        monkeypatch.setattr(ppo_engine, "frozen_depth", real if share else lambda model, adapters: 0)
+        h = api.ppo(
+            f"prefix{share}",
+            policy=sft,
+            reward=share_of_a,
+            prompts=PROMPTS,
+            steps=2,
+            batch_size=8,
+            micro_batch_size=4,
+            num_ppo_epochs=2,
+            max_new_tokens=8,
+            lr=1e-2,
+            seed=5,
+            lora={"r": 4, "layers": 1},
+            progress=False,
+        )
+        depths.append(h.ppo.roles.depth)
+        trained.append([p.detach().clone() for p in h.trainable_parameters()])
+    assert depths == [1, 0]
+    for a, b in zip(*trained):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -85,11 +85,11 @@ def test_a_k_way_record_is_one_forward_of_its_k_answers_each_once(monkeypatch):
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = reward_model.last_token_scores
 
-    def spy(model, head, ids, mask):
+    def spy(model, head, ids, mask, prefix=None):
         if torch.is_grad_enabled():  # training forwards only (eval and scoring run under no_grad)
             assert not any(m.training for m in model.modules()), "dropout must be off while training"
             rows.append((ids.clone(), mask.clone()))
-        return real(model, head, ids, mask)
+        return real(model, head, ids, mask, prefix)
 
     monkeypatch.setattr(reward_model, "last_token_scores", spy)
     rec = {"prompt": "Rank these.", "responses": ["alpha", "beta beta", "gamma!", "d"], "ranking": [0, 2, 1, 3]}

@@ -6,6 +6,8 @@ shared one, with whatever LoRA adapter is active.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,14 +31,72 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [B, T, H] of the trunk."""
+# A shared frozen prefix: when every adapter and trainable weight sits in the top layers (lora.layers), the bottom
+# layers compute the same hidden states for every role (policy, reference, reward model, each PPO epoch) on the
+# same tokens. They run once per rollout; each role then runs only the layers above. Llama-family trunks only (the
+# layer loop must not depend on layer indices or rescale its input embeddings).
+PREFIX_MODEL_TYPES = ("llama",)
+Prefix = tuple[int, torch.Tensor]  # (depth, hidden states after the bottom `depth` layers, before the final norm)
+
+
+def hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix | None = None
+) -> torch.Tensor:
+    """Last hidden states [B, T, H] of the trunk (from a shared frozen prefix when one is given)."""
     trunk, _ = trunk_and_head(model)
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+    kw = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+    if prefix is not None and trunk is not None:
+        depth, states = prefix
+        with _only_layers(trunk, depth, None):
+            return trunk(inputs_embeds=states, **kw).last_hidden_state
     if trunk is not None:
-        return trunk(**kw, use_cache=False).last_hidden_state
-    out = model(**kw, output_hidden_states=True, use_cache=False)
+        return trunk(input_ids=input_ids, **kw).last_hidden_state
+    out = model(input_ids=input_ids, output_hidden_states=True, **kw)
     return out.hidden_states[-1]
+
+
+def frozen_depth(model: Any, adapters: Sequence[str]) -> int:
+    """How many bottom decoder layers none of `adapters` and no trainable weight touches (0: nothing to share)."""
+    trunk, _ = trunk_and_head(model)
+    layers = getattr(trunk, "layers", None)
+    if getattr(model.config, "model_type", None) not in PREFIX_MODEL_TYPES or not isinstance(layers, nn.ModuleList):
+        return 0
+    names = set(adapters)
+
+    def touched(part: nn.Module) -> bool:
+        if any(p.requires_grad for p in part.parameters()):
+            return True
+        for m in part.modules():
+            for attr in ("lora_A", "lora_embedding_A"):
+                if names & set(getattr(m, attr, None) or ()):
+                    return True
+        return False
+
+    if touched(trunk.get_input_embeddings()):
+        return 0
+    return next((i for i, layer in enumerate(layers) if touched(layer)), len(layers))
+
+
+@torch.no_grad()
+def prefix_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> Prefix:
+    """The hidden states after the bottom `depth` (frozen, adapter-free) layers, computed once."""
+    trunk, _ = trunk_and_head(model)
+    kw = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+    with _only_layers(trunk, 0, depth, norm=False):
+        return depth, trunk(input_ids=input_ids, **kw).last_hidden_state
+
+
+@contextmanager
+def _only_layers(trunk: Any, start: int, stop: int | None, norm: bool = True) -> Iterator[None]:
+    """Run the trunk with only layers[start:stop] (and without its final norm when norm is False)."""
+    layers, final_norm = trunk.layers, trunk.norm
+    trunk.layers = nn.ModuleList(list(layers)[start:stop])
+    if not norm:
+        trunk.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        trunk.layers, trunk.norm = layers, final_norm
 
 
 class TokenLoss(nn.Module):
@@ -61,15 +121,19 @@ class TokenLoss(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep])
 
 
-def response_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+def response_hidden(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, prefix: Prefix | None = None
+) -> torch.Tensor:
     """Hidden states at the positions that predict the response tokens (input_ids[:, start:])."""
-    return hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
+    return hidden_states(model, input_ids, attention_mask, prefix)[:, start - 1 : -1]
 
 
-def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+def response_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, prefix: Prefix | None = None
+) -> torch.Tensor:
     """Logits [B, Tr, V] for the response tokens only (the LM head never runs on the prompt)."""
     _, head = trunk_and_head(model)
-    return head(response_hidden(model, input_ids, attention_mask, start))
+    return head(response_hidden(model, input_ids, attention_mask, start, prefix))
 
 
 class PolicyValue(nn.Module):
@@ -80,8 +144,8 @@ class PolicyValue(nn.Module):
         self.model, self.value_head = model, value_head
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, prefix: Prefix | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = response_hidden(self.model, input_ids, attention_mask, start)
+        hidden = response_hidden(self.model, input_ids, attention_mask, start, prefix)
         _, head = trunk_and_head(self.model)
         return head(hidden), self.value_head(hidden.float()).squeeze(-1)

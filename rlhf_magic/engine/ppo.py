@@ -29,7 +29,7 @@ from .data import read_prompts
 from .handles import PolicyHandle
 from .loop import make_optimizer
 from .models import LoadedModel
-from .modules import PolicyValue
+from .modules import PolicyValue, frozen_depth
 from .ppo_monitor import Monitor, step_metrics
 from .reward_model import RewardHandle, make_head
 from .runtime import Runtime, seed_everything
@@ -84,6 +84,7 @@ def train_ppo(
     handle = previous if previous is not None else _new_handle(cfg, name, runtime)
     state, roles = handle.ppo, handle.ppo.roles
     train_only(roles.lm.model, state.trained)
+    roles.depth = frozen_depth(roles.lm.model, roles.adapters)  # after train_only: what is trainable is known
     # 2. optimizer (restored on resume) and accelerate
     lr = cfg.lr or (1e-4 if cfg.lora else 3e-6)
     acc = runtime.accelerator(1)
@@ -137,6 +138,7 @@ def ppo_step(
     module.eval()  # generation and scoring; dropout is off anyway
     ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step)
     t_gen = time.monotonic() - t0
+    R.share_prefix(roles, ro)
     ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
     R.score(roles, ro, cfg.missing_eos_penalty)
     bad = R.first_bad_score(ro.scores)
@@ -249,7 +251,10 @@ def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, sta
 
 
 def _rows(ro: R.Rollout, idx: torch.Tensor) -> R.Rollout:
-    return R.Rollout([], [], ro.input_ids[idx], ro.attention_mask[idx], ro.start, ro.mask[idx], ro.has_eos[idx])
+    rows = R.Rollout([], [], ro.input_ids[idx], ro.attention_mask[idx], ro.start, ro.mask[idx], ro.has_eos[idx])
+    if ro.prefix is not None:
+        rows.prefix = (ro.prefix[0], ro.prefix[1][idx])
+    return rows
 
 
 def _samples(ro: R.Rollout, n: int = 4) -> dict[str, Any]:
@@ -286,6 +291,8 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     reference = pol.adapter
     value_head = _value_head(cfg.reward, lm, runtime)
     roles = R.Roles(lm, policy, reference, ref_lm, _scorer(cfg.reward, pol, lm, runtime), runtime.autocast)
+    rm = cfg.reward if isinstance(cfg.reward, RewardHandle) and cfg.reward.lm is lm else None
+    roles.adapters = (*_as_list(policy), *(_as_list(reference) if ref_lm is lm else []), *_as_list(rm and rm.adapter))
     from ..ops import AdaptiveKLController, FixedKLController
 
     kl_ctl = (
@@ -321,7 +328,8 @@ def _scorer(reward: Any, pol: PolicyHandle, lm: LoadedModel, runtime: Runtime) -
                 f"its scores would need re-tokenised text; train the reward model from this policy, or "
                 f"pass reward = lambda p, r: {reward.name}.score(p, r)"
             )
-        return lambda prompts, texts, ids, mask: reward.score_tokens(ids, mask)
+        same_base = reward.lm is lm  # then the rollout's shared frozen prefix is valid for it too
+        return lambda prompts, texts, ids, mask, prefix: reward.score_tokens(ids, mask, prefix if same_base else None)
     if callable(reward):
         return R.callable_scorer(reward, runtime.device)
     raise ConfigError(

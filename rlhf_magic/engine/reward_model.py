@@ -16,7 +16,7 @@ from ..errors import DataError, ModelError
 from .adapters import adapter_parameters, merged_copy, use_adapter
 from .handles import Handle, atomic_dir, config_summary
 from .models import LoadedModel
-from .modules import hidden_states
+from .modules import Prefix, hidden_states
 from .runtime import Runtime
 from .text import encode, format_prompt
 
@@ -47,9 +47,11 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def last_token_scores(model: Any, head: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_token_scores(
+    model: Any, head: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix | None = None
+) -> torch.Tensor:
     """Raw scores [N]: the head on the hidden state of each row's last real token (one trunk pass for N rows)."""
-    hidden = hidden_states(model, ids, mask)
+    hidden = hidden_states(model, ids, mask, prefix)
     last = mask.long().cumsum(1).argmax(1)  # index of the last 1, for left or right padding alike
     picked = hidden[torch.arange(ids.shape[0], device=ids.device), last]
     with torch.autocast(ids.device.type, enabled=False):  # the scalar head stays in fp32 under mixed precision
@@ -111,20 +113,21 @@ class RewardHandle(Handle):
         return body + list(self.head.parameters())
 
     @torch.no_grad()
-    def raw_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unnormalised scores of token rows (any padding side), always in eval mode (no dropout anywhere)."""
+    def raw_scores(self, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
+        """Unnormalised scores of token rows (any padding side), always in eval mode (no dropout anywhere).
+        `prefix`: the rows' shared frozen-prefix states, when computed on this reward model's own base model."""
         model = self.lm.model
         was_training = model.training
         model.eval()
         try:
             with use_adapter(self.lm, self.adapter), self.runtime.autocast():
-                return last_token_scores(model, self.head, ids, mask).float()
+                return last_token_scores(model, self.head, ids, mask, prefix).float()
         finally:
             model.train(was_training)
 
-    def score_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score_tokens(self, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
         """Normalised scores [N] of token rows written with this model's tokenizer."""
-        return (self.raw_scores(ids, mask) - self.mean) * self.gain
+        return (self.raw_scores(ids, mask, prefix) - self.mean) * self.gain
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """One normalised score per (prompt, response), computed in batches."""

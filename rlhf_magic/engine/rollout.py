@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .adapters import use_adapter
 from .generation import sample
 from .models import LoadedModel
-from .modules import PolicyValue, response_logits
+from .modules import PolicyValue, Prefix, prefix_states, response_logits
 
 
 @dataclass
@@ -30,8 +30,10 @@ class Roles:
     policy: str | None
     reference: str | None
     ref_lm: LoadedModel  # the same object as lm unless the policy is a private full copy
-    score: Callable[[list[str], list[str], torch.Tensor, torch.Tensor], torch.Tensor]
+    score: Callable[..., torch.Tensor]  # (prompts, texts, ids, mask, prefix) -> scores
     autocast: Any
+    adapters: tuple[str, ...] = ()  # every adapter a role uses on lm (policy, reference, a same-base reward model)
+    depth: int = 0  # bottom layers that no role adapts: computed once per rollout and shared (0: off)
 
 
 @dataclass
@@ -51,10 +53,19 @@ class Rollout:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    prefix: Prefix | None = None  # the shared frozen-prefix hidden states of these rows
 
     @property
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.start :]
+
+
+@torch.no_grad()
+def share_prefix(roles: Roles, ro: Rollout) -> None:
+    """The bottom `roles.depth` layers' hidden states of the rollout's tokens, once for every role and epoch."""
+    if roles.depth > 0:
+        with roles.autocast():
+            ro.prefix = prefix_states(roles.lm.model, ro.input_ids, ro.attention_mask, roles.depth)
 
 
 def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int) -> Rollout:
@@ -81,7 +92,7 @@ def policy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(logprobs, values, entropy or None) of the rollout's tokens under the current policy, from one trunk
     forward."""
-    logits, values = module(ro.input_ids, ro.attention_mask, ro.start)
+    logits, values = module(ro.input_ids, ro.attention_mask, ro.start, ro.prefix)
     logprobs = ops.logprobs_from_logits(logits, ro.responses, temperature)
     ent = None
     if entropy:
@@ -93,14 +104,15 @@ def policy_forward(
 @torch.no_grad()
 def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
     """Step 4: the frozen SFT policy's logprobs of the same tokens, with the same temperature."""
+    prefix = ro.prefix if roles.ref_lm is roles.lm else None
     with use_adapter(roles.ref_lm, roles.reference), roles.autocast():
-        logits = response_logits(roles.ref_lm.model, ro.input_ids, ro.attention_mask, ro.start)
+        logits = response_logits(roles.ref_lm.model, ro.input_ids, ro.attention_mask, ro.start, prefix)
     return ops.logprobs_from_logits(logits, ro.responses, temperature)
 
 
 def score(roles: Roles, ro: Rollout, penalty: float | None) -> None:
     """Steps 5-6: one batched reward call, then the missing-EOS penalty."""
-    scores = roles.score(ro.prompts, ro.texts, ro.input_ids, ro.attention_mask)
+    scores = roles.score(ro.prompts, ro.texts, ro.input_ids, ro.attention_mask, ro.prefix)
     ro.scores = ops.apply_missing_eos_penalty(scores.float(), ro.has_eos, penalty)
 
 
@@ -119,7 +131,7 @@ def callable_scorer(fn: Callable[..., Any], device: torch.device) -> Callable[..
     """Wrap a user's f(prompts, responses) -> list[float]: wrong length or non-numbers raise a one-line error."""
     name = getattr(fn, "__name__", type(fn).__name__)
 
-    def scorer(prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def scorer(prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor, _: Any) -> torch.Tensor:
         out = fn(list(prompts), list(texts))
         try:
             values = [float(v) for v in out]
