@@ -78,7 +78,7 @@ def test_roles_share_one_base_and_every_trainable_weight_changes(sft):
 def test_lora_policy_stacks_on_a_lora_sft_and_starts_equal_to_it(pairs):
     sft = api.sft("lsft", model="tiny", data=pairs, max_steps=5, lr=3e-3, progress=False)
     h = api.ppo(
-        "p3",
+        "p.3",  # a dot in the name: peft adapter names cannot hold one
         policy=sft,
         reward=lambda p, r: [len(x) / 10 for x in r],
         prompts=PROMPTS[:8],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,8 @@ _ids = itertools.count(1)
 
 
 def unique_name(stem: str) -> str:
-    return f"{stem}-{next(_ids)}"
+    """A fresh adapter name; peft module names cannot hold '.', so a handle named 'k0.1' gives 'k0_1-7'."""
+    return f"{re.sub(r'[^0-9A-Za-z_-]', '_', stem)}-{next(_ids)}"
 
 
 def peft_config(cfg: LoraConfig, model: Any = None) -> Any:
