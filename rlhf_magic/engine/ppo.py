@@ -150,7 +150,9 @@ def ppo_step(
         emit("warning", state.step, payload=stop.reason)
         return None
     module.train()
-    stats = update(module, optimizer, acc, ro, cfg, state.kl_ctl.value, state.trained)
+    layers = getattr(roles.lm.model.config, "num_hidden_layers", 0) or 1
+    share = (layers - roles.depth) / layers if ro.prefix is not None else 1.0  # layers that run with gradients
+    stats = update(module, optimizer, acc, ro, cfg, state.kl_ctl.value, state.trained, share)
     kl_coef = state.kl_ctl.value
     state.kl_ctl.update(float((ro.kl.sum(1)).mean()), len(prompts))
     row = step_metrics(ro, stats, kl_coef, cfg, time.monotonic() - t0, t_gen)
@@ -168,6 +170,7 @@ def update(
     cfg: PPOConfig,
     kl_coef: float,
     params: list[nn.Parameter],
+    trained_share: float = 1.0,
 ) -> dict[str, list[float]]:
     """num_ppo_epochs passes of minibatches, each minibatch in micro-batches (gradients add up to the same step).
 
@@ -175,7 +178,7 @@ def update(
     values (the weights have not changed yet), which saves a full forward pass."""
     n = ro.input_ids.shape[0]
     mbs = min(cfg.mini_batch_size, n)
-    micro = min(micro_batch_size(cfg, acc.device), mbs)
+    micro = min(micro_batch_size(cfg, acc.device, trained_share), mbs)
     stats: dict[str, list[float]] = {}
     merged = micro >= n
     if not merged:
@@ -205,12 +208,15 @@ def update(
     return stats
 
 
-def micro_batch_size(cfg: PPOConfig, device: Any) -> int:
-    """Answers per forward/backward chunk: cfg.micro_batch_size, else 2 on a CPU (bounds peak memory) and the
-    whole minibatch on an accelerator."""
+def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0) -> int:
+    """Answers per forward/backward chunk: cfg.micro_batch_size, else the whole minibatch on an accelerator and,
+    on a CPU, as many as hold the activations of 2 answers through every layer (bounds peak memory): 2, or more
+    when a shared frozen prefix leaves only the top `trained_share` of the layers to run with gradients."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
-    return 2 if getattr(device, "type", str(device)) == "cpu" else cfg.mini_batch_size
+    if getattr(device, "type", str(device)) != "cpu":
+        return cfg.mini_batch_size
+    return max(2, int(2 / max(trained_share, 1e-3)))
 
 
 def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, stats, first, entropy) -> None:  # type: ignore[no-untyped-def]
