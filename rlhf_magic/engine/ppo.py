@@ -9,6 +9,7 @@ from the same SFT model is one more adapter.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 import warnings
@@ -216,7 +217,7 @@ def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0) ->
         return cfg.micro_batch_size
     if getattr(device, "type", str(device)) != "cpu":
         return cfg.mini_batch_size
-    return max(2, int(2 / max(trained_share, 1e-3)))
+    return max(2, math.ceil(2 / max(trained_share, 1e-3)))
 
 
 def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, stats, first, entropy) -> None:  # type: ignore[no-untyped-def]
