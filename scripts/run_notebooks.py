@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(path: Path, out_dir: Path, timeout: int) -> float:
+def run(path: Path, out_dir: Path, timeout: int, cwd: Path | None = None) -> float:
     import nbformat
     from nbclient import NotebookClient
 
@@ -25,7 +25,7 @@ def run(path: Path, out_dir: Path, timeout: int) -> float:
         book,
         timeout=timeout,
         kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
+        resources={"metadata": {"path": str(cwd or path.parent)}},
         store_widget_state=True,
     )
     t0 = time.perf_counter()

@@ -14,6 +14,23 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 pytestmark = pytest.mark.slow
 
+# Claims a tutorial makes, checked on the run itself (appended as extra cells before execution).
+CHECKS = {
+    "03_ppo": [
+        "_check = rlhf_magic.compare(sft, ppo, held_out, reward=rm, max_new_tokens=ANSWER_TOKENS, seed=1).mean_scores",
+        "print('held-out reward-model score:', _check)\nassert _check['ppo'] > _check['sft'], _check",
+    ],
+    "04_kl_leash": [
+        "assert final['kl_coef = 0'][0] > final['kl_coef = 1'][0], final  # no leash: furthest from SFT",
+        "assert final['kl_coef = 0'][1] > final['kl_coef = 1'][1], final  # and the most score",
+        "assert unfinished['kl_coef = 0'] > unfinished['sft'], unfinished  # hacked answers stop mid-sentence",
+    ],
+    "05_whose_preferences": [  # the two reward models order the same two answers oppositely
+        "_a, _b = (rm.score([probe_q] * 2, probe) for rm in (rm_alice, rm_bob))\n"
+        "assert _a[0] > _a[1] and _b[1] > _b[0], (_a, _b)",
+    ],
+}
+
 
 @pytest.mark.parametrize("book", BOOKS, ids=[b.stem for b in BOOKS])
 def test_notebook_runs_without_error_cells(book, tmp_path, monkeypatch):
@@ -21,8 +38,14 @@ def test_notebook_runs_without_error_cells(book, tmp_path, monkeypatch):
     from run_notebooks import run
 
     monkeypatch.setenv("RLHF_MAGIC_HEADLESS", "1")
+    # Run a copy in a scratch folder, so files the tutorial writes (prefs.jsonl, runs/) never land in examples/.
+    nb = nbformat.read(book, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(code) for code in CHECKS.get(book.stem, [])]
+    source = tmp_path / "src" / book.name
+    source.parent.mkdir()
+    nbformat.write(nb, source)
     t0 = time.perf_counter()
-    run(book, tmp_path, timeout=900)
+    run(source, tmp_path, timeout=900)
     minutes = (time.perf_counter() - t0) / 60
     executed = nbformat.read(tmp_path / book.name, as_version=4)
     errors = [
