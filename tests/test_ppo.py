@@ -187,29 +187,26 @@ def test_magic_runs_ppo_with_a_notebook_callable(ip, sft):
     assert len(ip.user_ns["tuned"].generate(["List letters 1"], max_new_tokens=6)) == 1
 
 
+def _seeded_run(name, sft, **settings):
+    """One short PPO run with fixed seed and settings; returns the handle and a copy of what it trained."""
+    kw = dict(policy=sft, reward=share_of_a, prompts=PROMPTS, batch_size=8, num_ppo_epochs=2, max_new_tokens=8)
+    h = api.ppo(name, **{**kw, "lr": 1e-2, "seed": 5, "progress": False, **settings})
+    return h, [p.detach().clone() for p in h.trainable_parameters()]
+
+
+def _assert_same(trained_a, trained_b):
+    for a, b in zip(trained_a, trained_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_micro_batches_give_the_same_update_as_one_forward_pass(sft):
     """Chunking a minibatch (less memory) must not change the step: the chunk losses are token-weighted."""
     trained = []
     for micro in (8, 2):
-        h = api.ppo(
-            f"m{micro}",
-            policy=sft,
-            reward=share_of_a,
-            prompts=PROMPTS,
-            steps=1,
-            batch_size=8,
-            mini_batch_size=8,
-            micro_batch_size=micro,
-            num_ppo_epochs=2,
-            max_new_tokens=8,
-            lr=1e-2,
-            seed=5,
-            progress=False,
-        )
-        trained.append([p.detach().clone() for p in h.trainable_parameters()])
+        h, params = _seeded_run(f"m{micro}", sft, steps=1, mini_batch_size=8, micro_batch_size=micro)
+        trained.append(params)
         assert h.metrics.summary["steps"] == 1
-    for a, b in zip(*trained):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same(*trained)
 
 
 def test_shared_frozen_prefix_gives_the_same_hidden_states_and_scores(sft):
@@ -258,26 +255,11 @@ def test_ppo_with_a_shared_prefix_makes_the_same_update(sft, monkeypatch):
     real = ppo_engine.frozen_depth
     for share in (True, False):
         monkeypatch.setattr(ppo_engine, "frozen_depth", real if share else lambda model, adapters: 0)
-        h = api.ppo(
-            f"prefix{share}",
-            policy=sft,
-            reward=share_of_a,
-            prompts=PROMPTS,
-            steps=2,
-            batch_size=8,
-            micro_batch_size=4,
-            num_ppo_epochs=2,
-            max_new_tokens=8,
-            lr=1e-2,
-            seed=5,
-            lora={"r": 4, "layers": 1},
-            progress=False,
-        )
+        h, params = _seeded_run(f"prefix{share}", sft, steps=2, micro_batch_size=4, lora={"r": 4, "layers": 1})
         depths.append(h.ppo.roles.depth)
-        trained.append([p.detach().clone() for p in h.trainable_parameters()])
+        trained.append(params)
     assert depths == [1, 0]
-    for a, b in zip(*trained):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same(*trained)
 
 
 def test_default_micro_batch_grows_when_only_the_top_layers_need_gradients():
