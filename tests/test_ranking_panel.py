@@ -133,14 +133,25 @@ def test_pairwise_choice_with_tie(path):
     ]
 
 
-def test_answers_are_sampled_lazily_one_batched_call_per_prompt(path):
+def test_answers_for_the_next_open_prompts_come_from_one_batched_call(path):
     policy = FakePolicy()
-    p = panel(path, policy=policy, k=3, seed=10, temperature=0.9)
-    assert policy.calls == [([PROMPTS[0]], 3, 10, 0.9)]
+    p = panel(path, policy=policy, k=3, seed=10, temperature=0.9, prefetch=2)
+    assert policy.calls == [(PROMPTS[:2], 3, 10, 0.9)]  # this prompt and the next open one, seeded by the first
     p.submit([0, 1, 2])
-    assert policy.calls[-1] == ([PROMPTS[1]], 3, 11, 0.9) and len(policy.calls) == 2
+    assert len(policy.calls) == 1 and p.current_responses == [f"{PROMPTS[1]} / answer {j}" + "." * j for j in range(3)]
+    p.submit([0, 1, 2])
+    assert policy.calls[-1] == ([PROMPTS[2]], 3, 12, 0.9) and len(policy.calls) == 2
     p.back()  # a labelled prompt shows its saved answers: no new sampling
-    assert len(policy.calls) == 2 and p.current_responses == lines(path)[0]["responses"]
+    assert len(policy.calls) == 2 and p.current_responses == lines(path)[1]["responses"]
+
+
+def test_prefetch_one_samples_one_prompt_per_call(path):
+    policy = FakePolicy()
+    p = panel(path, policy=policy, k=3, seed=10, prefetch=1)
+    p.submit([0, 1, 2])
+    assert [c[:3] for c in policy.calls] == [([PROMPTS[0]], 3, 10), ([PROMPTS[1]], 3, 11)]
+    with pytest.raises(ConfigError, match="prefetch = 0: use a positive integer"):
+        panel(path, policy=policy, prefetch=0)
 
 
 def test_while_answers_are_sampled_the_next_prompt_shows_without_the_old_cards(path):
@@ -154,7 +165,7 @@ def test_while_answers_are_sampled_the_next_prompt_shows_without_the_old_cards(p
             return super().sample(prompts, k, **kw)
 
     policy = Watching()
-    p = panel(path, policy=policy, k=3)
+    p = panel(path, policy=policy, k=3, prefetch=1)
     policy.panel = p
     p.submit([0, 1, 2])
     shown, n_cards, submit_disabled = seen[-1]
@@ -323,7 +334,7 @@ def test_scripted_submit_validates_the_ranking(path):
 
 
 def test_policy_errors_show_in_the_panel_and_block_submit(path):
-    p = panel(path, policy=FakePolicy(fail_on=PROMPTS[1]))
+    p = panel(path, policy=FakePolicy(fail_on=PROMPTS[1]), prefetch=1)
     click_ranks(p, {0: 1, 1: 2, 2: 3})
     p.cards.buttons["submit"].click()
     assert len(lines(path)) == 1  # the ranking was saved before the next prompt failed

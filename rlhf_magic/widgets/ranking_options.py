@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ConfigError
 
 OPTIONS = ("prompts", "policy", "responses", "k", "file", "ties", "labeler", "temperature", "top_p", "seed",
-           "max_new_tokens", "title")  # fmt: skip
+           "max_new_tokens", "prefetch", "title")  # fmt: skip
 
 
 def unique(prompts: list[str]) -> list[str]:
@@ -20,7 +20,9 @@ def unique(prompts: list[str]) -> list[str]:
     return out
 
 
-def check_options(k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any) -> int:
+def check_options(
+    k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any, prefetch: Any = 1
+) -> int:
     k = 4 if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 9:
         raise ConfigError(f"k = {k!r}: the number of answers per prompt must be an integer from 2 to 9")
@@ -36,6 +38,8 @@ def check_options(k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any,
         raise ConfigError(f"seed = {seed!r}: use an integer or None")
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
         raise ConfigError(f"max_new_tokens = {max_new!r}: use a positive integer")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        raise ConfigError(f"prefetch = {prefetch!r}: use a positive integer (prompts sampled per batched call)")
     return k
 
 
