@@ -165,3 +165,23 @@ def test_lora_layers_adapts_only_the_top_layers(pairs):
 
     with pytest.raises(ConfigError, match=r"lora\.layers = 5 is not valid"):
         api.sft("bad", model="tiny", data=pairs, max_steps=1, lora={"layers": 5}, progress=False)
+
+
+def test_skinny_linear_computes_the_same_products_and_always_restores_nn_linear():
+    from rlhf_magic.engine.generation import skinny_linear
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(24, 40), torch.nn.Linear(24, 40, bias=False)]
+    inputs = [torch.randn(3, 24), torch.randn(2, 5, 24), torch.randn(24), torch.randn(300, 24)]  # 300 rows: plain
+    expected = [[layer(x) for x in inputs] for layer in layers]
+    original = torch.nn.Linear.forward
+    with skinny_linear(torch.device("cpu")):
+        assert torch.nn.Linear.forward is not original
+        got = [[layer(x) for x in inputs] for layer in layers]
+    assert torch.nn.Linear.forward is original
+    for want_row, got_row in zip(expected, got):
+        for want, have in zip(want_row, got_row):
+            assert have.shape == want.shape and torch.allclose(have, want, atol=1e-6)
+    with pytest.raises(RuntimeError, match="boom"), skinny_linear(torch.device("cpu")):
+        raise RuntimeError("boom")
+    assert torch.nn.Linear.forward is original

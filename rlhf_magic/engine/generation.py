@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,11 +80,41 @@ def sample(
     lm.model.eval()
     try:
         ctx = autocast() if autocast else _null()
-        with ctx:
+        with ctx, skinny_linear(device):
             out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     finally:
         lm.model.train(was_training)
     return Rollout(ids, mask, out[:, ids.shape[1] :])
+
+
+_LINEAR_FORWARD = torch.nn.Linear.forward
+_SKINNY_ROWS = 256
+
+
+def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // self.in_features
+    if rows > _SKINNY_ROWS or x.shape[-1] != self.in_features:
+        return _LINEAR_FORWARD(self, x)
+    y = torch.mm(self.weight, x.reshape(rows, self.in_features).t()).t()
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@contextmanager
+def skinny_linear(device: torch.device) -> Iterator[None]:
+    """On a CPU, every nn.Linear computes (W @ x.T).T for inputs of a few rows, as in a decode step.
+
+    The same product, but MKL runs it faster when the weight is the left operand: 0.59 ms against 0.91 ms for
+    8 x 576 times 576 x 1536 with the weight out of cache (2-core EPYC, fp32), about 15% of a decode step."""
+    if device.type != "cpu" or torch.nn.Linear.forward is not _LINEAR_FORWARD:
+        yield
+        return
+    torch.nn.Linear.forward = _skinny_forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Linear.forward = _LINEAR_FORWARD  # type: ignore[method-assign]
 
 
 class _null:
