@@ -78,7 +78,7 @@ def train_reward(
     )  # fmt: skip
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
-    # 6. the loop, with held-out accuracy every ~10% of the steps; eval mode keeps every dropout off
+    # 6. the loop, with held-out accuracy about six times a run; eval mode keeps every dropout off
     evaluate = (lambda: evaluate_items(handle, evals, cfg.batch_size, cfg.margin)) if evals else None
     lm.model.eval()
     try:
