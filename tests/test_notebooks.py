@@ -28,6 +28,7 @@ CHECKS = {
     "05_whose_preferences": [  # the two reward models order the same two answers oppositely
         "_a, _b = (rm.score([probe_q] * 2, probe) for rm in (rm_alice, rm_bob))\n"
         "assert _a[0] > _a[1] and _b[1] > _b[0], (_a, _b)",
+        "assert lengths['ppo_bob'] > lengths['ppo_alice'], lengths  # Bob's policy writes longer answers than Alice's",
     ],
 }
 
