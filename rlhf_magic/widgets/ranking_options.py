@@ -21,7 +21,7 @@ def unique(prompts: list[str]) -> list[str]:
 
 
 def check_options(
-    k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any, prefetch: Any = 1
+    k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any, prefetch: Any
 ) -> int:
     k = 4 if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 9:
