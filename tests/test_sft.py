@@ -185,3 +185,32 @@ def test_skinny_linear_computes_the_same_products_and_always_restores_nn_linear(
     with pytest.raises(RuntimeError, match="boom"), skinny_linear(torch.device("cpu")):
         raise RuntimeError("boom")
     assert torch.nn.Linear.forward is original
+
+
+def test_lean_lora_forward_gives_peft_outputs_for_stacked_adapters_and_is_undone():
+    """During generation peft's LoRA layers run a leaner forward: the same logits, adapters stacked or off."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from rlhf_magic.config import LoraConfig
+    from rlhf_magic.engine.adapters import add_adapter, use_adapter
+    from rlhf_magic.engine.generation import skinny_linear
+    from rlhf_magic.engine.models import load_model
+
+    lm = load_model("tiny", torch.device("cpu"))
+    names = [add_adapter(lm, "one", LoraConfig(r=4)), add_adapter(lm, "two", LoraConfig(r=2, alpha=8))]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in lm.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # non-zero updates, so a dropped or mis-scaled adapter would show
+    ids = torch.randint(5, 40, (3, 7))
+    original = LoraLinear.forward
+    lm.model.eval()
+    for active in (names, names[1], None):
+        with use_adapter(lm, active), torch.no_grad():
+            want = lm.model(input_ids=ids).logits
+            with skinny_linear(torch.device("cpu")):
+                assert LoraLinear.forward is not original
+                got = lm.model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert LoraLinear.forward is original

@@ -137,7 +137,16 @@ def ppo_step(
     """One rollout and its updates. Returns the step's metrics, or None when the rewards were not finite."""
     t0 = time.monotonic()
     module.eval()  # generation and scoring; dropout is off anyway
-    ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step)
+    layers = getattr(roles.lm.model.config, "num_hidden_layers", 0) or 1
+    share = (layers - roles.depth) / layers if roles.depth > 0 else 1.0  # layers that run with gradients
+    # step 3 from the decode steps when the update runs in chunks (else epoch 1's forward gives it for free)
+    capture = min(micro_batch_size(cfg, acc.device, share), cfg.mini_batch_size) < len(prompts)
+    capture = capture and getattr(acc, "mixed_precision", "no") == "no"  # fp32: decode and forward agree
+    ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step, capture=capture)
+    if ro.hidden is not None:
+        with torch.no_grad():
+            ro.values = state.value_head(ro.hidden.float()).squeeze(-1)
+        ro.hidden = None
     t_gen = time.monotonic() - t0
     R.share_prefix(roles, ro)
     ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
@@ -151,8 +160,6 @@ def ppo_step(
         emit("warning", state.step, payload=stop.reason)
         return None
     module.train()
-    layers = getattr(roles.lm.model.config, "num_hidden_layers", 0) or 1
-    share = (layers - roles.depth) / layers if ro.prefix is not None else 1.0  # layers that run with gradients
     stats = update(module, optimizer, acc, ro, cfg, state.kl_ctl.value, state.trained, share)
     kl_coef = state.kl_ctl.value
     state.kl_ctl.update(float((ro.kl.sum(1)).mean()), len(prompts))
@@ -182,12 +189,13 @@ def update(
     micro = min(micro_batch_size(cfg, acc.device, trained_share), mbs)
     stats: dict[str, list[float]] = {}
     merged = micro >= n
-    if not merged:
+    if not merged and ro.logprobs is None:  # else: logprobs and values captured while sampling
         with torch.no_grad(), acc.autocast():
             for idx in torch.arange(n).split(micro):
                 lp, v, _ = R.policy_forward(module, _rows(ro, idx), cfg.temperature, entropy=False)
                 ro.logprobs = lp if ro.logprobs is None else torch.cat([ro.logprobs, lp])
                 ro.values = v.float() if ro.values is None else torch.cat([ro.values, v.float()])
+    if not merged:
         R.advantages(ro, cfg, kl_coef)
     for epoch in range(cfg.num_ppo_epochs):
         perm = torch.arange(n) if merged else torch.randperm(n)

@@ -1,8 +1,9 @@
 """One PPO rollout, as the numbered response-processing steps of lm-human-preference-details.
 
 1. sample answers (batched, KV cache, left padding, stop at EOS)  2. truncate after the first EOS
-3. policy logprobs and values from one forward pass  4. reference logprobs  5. scores (one batched reward call)
-6. missing-EOS penalty  7. per-token KL and rewards (score at the last real token)  8. GAE and whitened advantages
+3. policy logprobs and values (kept from the decode steps, or from one forward pass)  4. reference logprobs
+5. scores (one batched reward call)  6. missing-EOS penalty  7. per-token KL and rewards (score at the last real
+token)  8. GAE and whitened advantages
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     prefix: Prefix | None = None  # the shared frozen-prefix hidden states of these rows
+    hidden: torch.Tensor | None = None  # [B, Tr, H] captured while sampling: the states that predicted each token
 
     @property
     def responses(self) -> torch.Tensor:
@@ -68,8 +70,11 @@ def share_prefix(roles: Roles, ro: Rollout) -> None:
             ro.prefix = prefix_states(roles.lm.model, ro.input_ids, ro.attention_mask, roles.depth)
 
 
-def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int) -> Rollout:
-    """Steps 1-2: sample with the policy adapter, then cut everything after the first EOS."""
+def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int, capture: bool = False) -> Rollout:
+    """Steps 1-2: sample with the policy adapter, then cut everything after the first EOS.
+
+    capture=True keeps the policy's logprobs and final hidden states from the decode steps themselves (step 3
+    without another forward pass; the caller applies the value head)."""
     lm, tok = roles.lm, roles.lm.tokenizer
     with use_adapter(lm, roles.policy):
         out = sample(
@@ -79,12 +84,15 @@ def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int) -> Rollout:
             temperature=cfg.temperature,
             seed=seed,
             autocast=roles.autocast,
+            capture=capture,
         )
     responses, mask, has_eos = ops.truncate_after_eos(out.responses, tok.eos_token_id, tok.pad_token_id)
     ids = torch.cat([out.queries, responses], 1)
     attn = torch.cat([out.query_mask, mask], 1)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
-    return Rollout(prompts, texts, ids, attn, out.queries.shape[1], mask.to(torch.float32), has_eos)
+    ro = Rollout(prompts, texts, ids, attn, out.queries.shape[1], mask.to(torch.float32), has_eos)
+    ro.logprobs, ro.hidden = out.logprobs, out.hidden
+    return ro
 
 
 def policy_forward(
