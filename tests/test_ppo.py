@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +311,25 @@ def test_default_micro_batch_grows_when_only_the_top_layers_need_gradients():
     assert micro_batch_size(cfg, cpu, trained_share=8 / 30) == 8  # lora.layers = 8 of 30: about the same memory
     assert micro_batch_size(cfg, gpu) == 8
     assert micro_batch_size(PPOConfig(policy="p", reward=len, prompts=["x"], micro_batch_size=3), cpu, 0.1) == 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_freed_tensor_memory_goes_back_to_the_os_between_micro_batches():
+    """glibc keeps freed heap blocks; release_free_memory (called before each micro-batch) hands them back."""
+    from rlhf_magic.engine.runtime import _malloc_trim, release_free_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("not glibc: nothing to trim")
+
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    blocks = [torch.ones(16 * 1024) for _ in range(3000)]  # 64 KiB each (under glibc's mmap threshold): 188 MiB
+    pin = torch.ones(16 * 1024)  # allocated after them, so the heap cannot simply shrink from the top
+    del blocks
+    held = rss_mib()
+    release_free_memory(torch.device("cuda"))  # another device: nothing happens
+    assert rss_mib() > held - 20
+    release_free_memory(torch.device("cpu"))
+    assert rss_mib() < held - 100, (held, rss_mib())
+    del pin

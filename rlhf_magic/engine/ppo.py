@@ -33,7 +33,7 @@ from .models import LoadedModel
 from .modules import PolicyValue, frozen_depth
 from .ppo_monitor import Monitor, step_metrics
 from .reward_model import RewardHandle, make_head
-from .runtime import Runtime, seed_everything
+from .runtime import Runtime, release_free_memory, seed_everything
 
 
 @dataclass
@@ -234,6 +234,7 @@ def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, sta
     total = ro.mask[idx].sum().clamp_min(1)
     rows: dict[str, float] = {}
     for chunk in idx.split(micro):
+        release_free_memory(acc.device)  # the last chunk's activations: back to the OS before the next forward
         with acc.autocast():
             lp, v, ent = R.policy_forward(module, _rows(ro, chunk), cfg.temperature, entropy=entropy)
         if first:
