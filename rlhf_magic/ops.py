@@ -88,6 +88,26 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return _row_logprobs(logits, tokens, temperature)
 
 
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    logsumexp: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log softmax((hidden @ weight.T + bias) / temperature)[tokens], given that row's logsumexp of the scaled logits.
+
+    hidden [..., H], weight [V, H], tokens [...], logsumexp [...]: only the chosen tokens' logits are formed (what
+    a decode step can keep without holding a [.., V] tensor)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = (_acc(hidden) * _acc(weight[tokens])).sum(-1)
+    if bias is not None:
+        logits = logits + _acc(bias[tokens])
+    return logits / temperature - _acc(logsumexp)
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H = logsumexp(z) - sum(softmax(z) * z) with z = logits / temperature, per position ([N, ..., V] -> [N, ...])."""
     if temperature <= 0:

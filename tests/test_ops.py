@@ -134,6 +134,19 @@ def test_logprobs_and_entropy_with_temperature_match_loops(gen):
         ops.logprobs_from_logits(logits, tokens, 0.0)
 
 
+def test_logprobs_from_hidden_equal_log_softmax_of_the_full_logits(gen):
+    hidden, weight = rand(gen, B, T, 5), rand(gen, V, 5)
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    for bias in (None, rand(gen, V)):
+        logits = hidden @ weight.T + (0 if bias is None else bias)
+        for temp in (1.0, 0.7):
+            lse = torch.logsumexp(logits / temp, -1)
+            want = ops.logprobs_from_logits(logits, tokens, temp)
+            assert_close(ops.logprobs_from_hidden(hidden, weight, bias, tokens, lse, temp), want)
+    with pytest.raises(ValueError):
+        ops.logprobs_from_hidden(hidden, weight, None, tokens, lse, 0.0)
+
+
 # ---------------------------------------------------------------- KL and rewards
 
 

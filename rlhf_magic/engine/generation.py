@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from .models import LoadedModel
 from .modules import trunk_and_head
 from .text import encode, format_prompt
@@ -126,11 +127,9 @@ class _StepCapture:
         if not self.ok or len(self.hidden) != responses.shape[1]:
             return None, None
         hidden = torch.stack(self.hidden, 1)  # [B, Tr, H]
-        weight = self.head.weight[responses]  # [B, Tr, H]: the output-embedding rows of the sampled tokens
-        logits = (hidden.float() * weight.float()).sum(-1)
-        if getattr(self.head, "bias", None) is not None:
-            logits = logits + self.head.bias[responses].float()
-        return hidden, logits / self.temperature - torch.stack(self.lse, 1)
+        bias = getattr(self.head, "bias", None)
+        lse = torch.stack(self.lse, 1)
+        return hidden, ops.logprobs_from_hidden(hidden, self.head.weight, bias, responses, lse, self.temperature)
 
 
 _LINEAR_FORWARD = torch.nn.Linear.forward
