@@ -108,6 +108,96 @@ def logprobs_from_hidden(
     return logits / temperature - _acc(logsumexp)
 
 
+class HeadLogprobs(NamedTuple):
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def logprobs_from_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    chunk: int = 2048,
+) -> HeadLogprobs:
+    """log softmax((hidden @ weight.T + bias) / temperature)[tokens] (and, with entropy=True, the entropy of that
+    distribution, without gradient) for float32 inputs, without ever forming the [..., V] logits.
+
+    The vocabulary is processed `chunk` rows of `weight` at a time (an online logsumexp), and the backward pass
+    recomputes each chunk's probabilities, so memory stays at one [chunk, N] block instead of several [N, V] ones
+    (37.7 MB each for 4 answers x 48 tokens x 49k vocab). Gradients reach hidden, and weight/bias when they
+    require them. hidden [..., H], weight [V, H], tokens [...]."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = tokens.shape
+    h, idx = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, float(temperature), entropy, chunk)
+    return HeadLogprobs(lp.view(shape), ent.view(shape) if entropy else None)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Forward: an online logsumexp (and entropy) over vocabulary chunks. Backward: d lp / d z = onehot - softmax,
+    so grad_h = g / T * (W[token] - softmax(z) @ W), with softmax recomputed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, idx, temperature, want_entropy, chunk):  # type: ignore[no-untyped-def, override]
+        # m: running max of z = logits / T; s = sum exp(z - m); a = sum exp(z - m) * (z - m) (for the entropy)
+        m = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
+        s, a = torch.zeros_like(m), torch.zeros_like(m)
+        for _, z in _scaled_logit_chunks(h, weight, bias, temperature, chunk):
+            new = torch.maximum(m, z.amax(0))
+            rescale, shift = torch.exp(m - new), torch.where(torch.isfinite(m), m - new, 0.0)
+            z.sub_(new)
+            e = z.exp()
+            if want_entropy:
+                a = rescale * (a + s * shift) + (e * z).sum(0)
+            s = rescale * s + e.sum(0)
+            m = new
+        lse = m + s.log()
+        chosen = (h * weight[idx]).sum(-1) + (0 if bias is None else bias[idx])
+        ent = (s.log() - a / s) if want_entropy else lse.new_zeros(0)
+        ctx.save_for_backward(h, weight, bias, idx, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(ent)
+        return chosen / temperature - lse, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, _grad_ent):  # type: ignore[no-untyped-def, override]
+        h, weight, bias, idx, lse = ctx.saved_tensors
+        g = grad_lp / ctx.temperature  # d lp / d logits = (onehot - p) / T
+        need_w = ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h_t = torch.zeros_like(h.t())  # [H, N]: W[c].T @ p is the faster product on a CPU
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        for c, z in _scaled_logit_chunks(h, weight, bias, ctx.temperature, ctx.chunk):
+            p = z.sub_(lse).exp_().mul_(g)  # [C, N]: softmax * g
+            grad_h_t.addmm_(weight[c].t(), p, alpha=-1.0)
+            if grad_w is not None:
+                grad_w[c].addmm_(p, h, alpha=-1.0)
+            if grad_b is not None:
+                grad_b[c] -= p.sum(1)
+        grad_h = grad_h_t.t() + g[:, None] * weight[idx]
+        if grad_w is not None:
+            grad_w.index_add_(0, idx, g[:, None] * h)
+        if grad_b is not None:
+            grad_b.index_add_(0, idx, g)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _scaled_logit_chunks(h, weight, bias, temperature, chunk):  # type: ignore[no-untyped-def]
+    """(slice, (weight[slice] @ h.T + bias[slice]) / T) for each chunk of the vocabulary: [C, N] blocks."""
+    h_t = h.t().contiguous()
+    for start in range(0, weight.shape[0], chunk):
+        c = slice(start, start + chunk)
+        z = torch.mm(weight[c], h_t)
+        if bias is not None:
+            z.add_(bias[c, None])
+        yield c, z.mul_(1.0 / temperature)
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H = logsumexp(z) - sum(softmax(z) * z) with z = logits / temperature, per position ([N, ..., V] -> [N, ...])."""
     if temperature <= 0:

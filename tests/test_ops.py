@@ -147,6 +147,31 @@ def test_logprobs_from_hidden_equal_log_softmax_of_the_full_logits(gen):
         ops.logprobs_from_hidden(hidden, weight, None, tokens, lse, 0.0)
 
 
+def test_logprobs_from_head_equal_log_softmax_of_the_logits_with_the_same_gradients(gen):
+    """Vocabulary chunks of 4 (11 = 4 + 4 + 3) with an online logsumexp: values, entropy and the gradients for
+    hidden, weight and bias all equal those of the full logits (float64, so exactly to rounding)."""
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    for bias_on in (False, True):
+        hidden = (3 * rand(gen, B, T, 5)).requires_grad_()
+        weight = rand(gen, V, 5).requires_grad_()
+        bias = rand(gen, V).requires_grad_() if bias_on else None
+        inputs = [hidden, weight] + ([bias] if bias_on else [])
+        for temp in (1.0, 0.7):
+            logits = hidden @ weight.T + (0 if bias is None else bias)
+            want = ops.logprobs_from_logits(logits, tokens, temp)
+            got = ops.logprobs_from_head(hidden, weight, bias, tokens, temp, entropy=True, chunk=4)
+            assert_close(got.logprobs, want)
+            assert_close(got.entropy, ops.entropy_from_logits(logits.detach(), temp))
+            upstream = rand(gen, B, T)
+            assert_close(
+                torch.autograd.grad((got.logprobs * upstream).sum(), inputs),
+                torch.autograd.grad((want * upstream).sum(), inputs),
+            )
+        assert ops.logprobs_from_head(hidden, weight, bias, tokens).entropy is None
+    with pytest.raises(ValueError):
+        ops.logprobs_from_head(hidden, weight, None, tokens, 0.0)
+
+
 # ---------------------------------------------------------------- KL and rewards
 
 

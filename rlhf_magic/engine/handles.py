@@ -165,8 +165,7 @@ class PolicyHandle(Handle):
     @torch.no_grad()
     def logprobs(self, prompts: list[str], responses: list[str], batch_size: int = 8) -> list[float]:
         """log p(response + EOS | prompt) under this policy (temperature 1), one number per pair."""
-        from .. import ops
-        from .modules import response_logits
+        from .modules import response_logprobs
 
         out: list[float] = []
         tok = self.lm.tokenizer
@@ -182,10 +181,8 @@ class PolicyHandle(Handle):
                 a_ids[j, : len(a)], a_mask[j, : len(a)] = torch.tensor(a), 1
             a_ids, a_mask = a_ids.to(q_ids.device), a_mask.to(q_ids.device)
             with use_adapter(self.lm, self.adapter), self.runtime.autocast():
-                logits = response_logits(
-                    self.lm.model, torch.cat([q_ids, a_ids], 1), torch.cat([q_mask, a_mask.long()], 1), q_ids.shape[1]
-                )
-            lp = ops.logprobs_from_logits(logits, a_ids)
+                ids, mask = torch.cat([q_ids, a_ids], 1), torch.cat([q_mask, a_mask.long()], 1)
+                lp = response_logprobs(self.lm.model, ids, mask, q_ids.shape[1]).logprobs
             out += (lp * a_mask).sum(1).tolist()
         return out
 

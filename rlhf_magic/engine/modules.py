@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .text import IGNORE
 
 
@@ -128,24 +129,55 @@ def response_hidden(
     return hidden_states(model, input_ids, attention_mask, prefix)[:, start - 1 : -1]
 
 
-def response_logits(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, prefix: Prefix | None = None
-) -> torch.Tensor:
-    """Logits [B, Tr, V] for the response tokens only (the LM head never runs on the prompt)."""
-    _, head = trunk_and_head(model)
-    return head(response_hidden(model, input_ids, attention_mask, start, prefix))
+def response_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    prefix: Prefix | None = None,
+    temperature: float = 1.0,
+    entropy: bool = False,
+) -> ops.HeadLogprobs:
+    """Log-probs [B, Tr] of the response tokens (input_ids[:, start:]) at `temperature`, and their entropy when
+    asked; the LM head never runs on the prompt."""
+    hidden = response_hidden(model, input_ids, attention_mask, start, prefix)
+    return head_logprobs(model, hidden, input_ids[:, start:], temperature, entropy)
+
+
+def head_logprobs(
+    model: Any, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool = False
+) -> ops.HeadLogprobs:
+    """The LM head's log-probs of `tokens` from the hidden states that predict them. In float32 (no autocast)
+    with a plain linear head, without forming the [B, T, V] logits (ops.logprobs_from_head); else from them."""
+    trunk, head = trunk_and_head(model)
+    plain = trunk is not None and type(head) is nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
+    if plain and not torch.is_autocast_enabled(hidden.device.type):
+        return ops.logprobs_from_head(hidden, head.weight, head.bias, tokens, temperature, entropy)
+    logits = head(hidden)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = ops.entropy_from_logits(logits.detach(), temperature)
+    return ops.HeadLogprobs(ops.logprobs_from_logits(logits, tokens, temperature), ent)
 
 
 class PolicyValue(nn.Module):
-    """The PPO policy and its value function on one trunk: one forward gives logits and values."""
+    """The PPO policy and its value function on one trunk: one forward gives log-probs and values."""
 
     def __init__(self, model: Any, value_head: nn.Module):
         super().__init__()
         self.model, self.value_head = model, value_head
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, prefix: Prefix | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        prefix: Prefix | None = None,
+        temperature: float = 1.0,
+        entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log-probs, values, entropy or None) of the response tokens input_ids[:, start:]."""
         hidden = response_hidden(self.model, input_ids, attention_mask, start, prefix)
-        _, head = trunk_and_head(self.model)
-        return head(hidden), self.value_head(hidden.float()).squeeze(-1)
+        lp, ent = head_logprobs(self.model, hidden, input_ids[:, start:], temperature, entropy)
+        return lp, self.value_head(hidden.float()).squeeze(-1), ent

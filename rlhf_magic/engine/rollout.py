@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from .adapters import use_adapter
 from .generation import sample
 from .models import LoadedModel
-from .modules import PolicyValue, Prefix, prefix_states, response_logits
+from .modules import PolicyValue, Prefix, prefix_states, response_logprobs
 
 
 @dataclass
@@ -100,13 +100,7 @@ def policy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(logprobs, values, entropy or None) of the rollout's tokens under the current policy, from one trunk
     forward."""
-    logits, values = module(ro.input_ids, ro.attention_mask, ro.start, ro.prefix)
-    logprobs = ops.logprobs_from_logits(logits, ro.responses, temperature)
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            ent = ops.entropy_from_logits(logits.detach(), temperature)
-    return logprobs, values, ent
+    return module(ro.input_ids, ro.attention_mask, ro.start, ro.prefix, temperature, entropy)
 
 
 @torch.no_grad()
@@ -114,8 +108,8 @@ def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.T
     """Step 4: the frozen SFT policy's logprobs of the same tokens, with the same temperature."""
     prefix = ro.prefix if roles.ref_lm is roles.lm else None
     with use_adapter(roles.ref_lm, roles.reference), roles.autocast():
-        logits = response_logits(roles.ref_lm.model, ro.input_ids, ro.attention_mask, ro.start, prefix)
-    return ops.logprobs_from_logits(logits, ro.responses, temperature)
+        model = roles.ref_lm.model
+        return response_logprobs(model, ro.input_ids, ro.attention_mask, ro.start, prefix, temperature).logprobs
 
 
 def score(roles: Roles, ro: Rollout, penalty: float | None) -> None:
