@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -187,12 +188,13 @@ def test_skinny_linear_computes_the_same_products_and_always_restores_nn_linear(
     assert torch.nn.Linear.forward is original
 
 
-def test_lean_lora_forward_gives_peft_outputs_for_stacked_adapters_and_is_undone():
-    """During generation peft's LoRA layers run a leaner forward: the same logits, adapters stacked or off."""
+def test_lean_lora_forward_gives_peft_outputs_and_gradients_for_stacked_adapters_and_is_undone():
+    """Generation and PPO run peft's LoRA layers through a leaner forward: the same logits (adapters stacked, one,
+    or off) and the same gradients for the adapter weights; peft's forward comes back, even after an error."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from rlhf_magic.config import LoraConfig
-    from rlhf_magic.engine.adapters import add_adapter, use_adapter
+    from rlhf_magic.engine.adapters import adapter_parameters, add_adapter, lean_lora, train_only, use_adapter
     from rlhf_magic.engine.generation import skinny_linear
     from rlhf_magic.engine.models import load_model
 
@@ -213,4 +215,18 @@ def test_lean_lora_forward_gives_peft_outputs_for_stacked_adapters_and_is_undone
                 assert LoraLinear.forward is not original
                 got = lm.model(input_ids=ids).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert LoraLinear.forward is original
+    params = [p for n in names for p in adapter_parameters(lm, n)]
+    train_only(lm.model, params)
+    grads = []
+    for lean in (False, True):
+        with use_adapter(lm, names), lean_lora() if lean else contextlib.nullcontext():
+            lm.model(input_ids=ids).logits.square().mean().backward()
+        grads.append([p.grad.clone() for p in params])
+        lm.model.zero_grad(set_to_none=True)
+    train_only(lm.model, [])
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="boom"), lean_lora(), lean_lora():  # re-entrant, restored on error
+        raise RuntimeError("boom")
     assert LoraLinear.forward is original

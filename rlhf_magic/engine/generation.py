@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from .adapters import lean_lora
 from .models import LoadedModel
 from .modules import trunk_and_head
 from .text import encode, format_prompt
@@ -146,27 +147,6 @@ def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's LoRA Linear forward without its per-call bookkeeping (plain LoRA, eval mode, no grad): the base
-    product plus scaling * (x A^T) B^T for each active adapter, the same sum."""
-    if args or kwargs or self.disable_adapters or self.merged or self.lora_variant or torch.is_grad_enabled():
-        return _LORA_FORWARD[0](self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    for name in self.active_adapters:
-        a = self.lora_A._modules.get(name)
-        if a is None:
-            continue
-        if x.dtype != a.weight.dtype:  # peft casts the input here; leave those cases to peft
-            return _LORA_FORWARD[0](self, x, *args, **kwargs)
-        b = self.lora_B[name].weight
-        flat = torch.mm(x.reshape(-1, x.shape[-1]), a.weight.t())
-        result = torch.addmm(result.reshape(-1, b.shape[0]), flat, b.t(), alpha=self.scaling[name]).view(result.shape)
-    return result
-
-
-_LORA_FORWARD: list[Any] = []
-
-
 @contextmanager
 def skinny_linear(device: torch.device) -> Iterator[None]:
     """On a CPU, every nn.Linear computes (W @ x.T).T for inputs of a few rows, as in a decode step, and peft's
@@ -177,16 +157,12 @@ def skinny_linear(device: torch.device) -> Iterator[None]:
     if device.type != "cpu" or torch.nn.Linear.forward is not _LINEAR_FORWARD:
         yield
         return
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    _LORA_FORWARD[:] = [LoraLinear.forward]
     torch.nn.Linear.forward = _skinny_forward  # type: ignore[method-assign]
-    LoraLinear.forward = _lean_lora_forward  # type: ignore[method-assign]
     try:
-        yield
+        with lean_lora():
+            yield
     finally:
         torch.nn.Linear.forward = _LINEAR_FORWARD  # type: ignore[method-assign]
-        LoraLinear.forward = _LORA_FORWARD[0]  # type: ignore[method-assign]
 
 
 class _null:
