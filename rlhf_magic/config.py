@@ -101,8 +101,8 @@ class PPOConfig:
     mini_batch_size: int = setting(8, "rollouts per gradient step inside an update epoch")
     micro_batch_size: int | None = setting(
         None,
-        "answers per forward/backward chunk (same update, less memory; default: all on a GPU, 2 on a CPU or more "
-        "with lora.layers)",
+        "answers per forward/backward chunk (same update, less memory; default: all on a GPU, ~384 tokens' worth "
+        "on a CPU, more with lora.layers)",
     )
     num_ppo_epochs: int = setting(4, "passes over each rollout batch")
     lr: float | None = setting(None, "learning rate (default: 1e-4 with LoRA, 3e-6 for full fine-tuning)")

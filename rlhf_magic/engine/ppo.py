@@ -9,7 +9,6 @@ from the same SFT model is one more adapter.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 import warnings
@@ -25,8 +24,9 @@ from ..config import PPOConfig
 from ..errors import ConfigError
 from ..events import Callback, Emitter, StopControl
 from . import rollout as R
-from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
+from .adapters import adapter_parameters, add_adapter, lean_lora, train_only, use_adapter
 from .data import read_prompts
+from .generation import encode_prompts
 from .handles import PolicyHandle
 from .loop import make_optimizer
 from .models import LoadedModel
@@ -99,7 +99,7 @@ def train_ppo(
     emit("start", state.step, payload={"config": cfg, "prompts": len(prompts), "handle": handle})
     order = _prompt_order(len(prompts), cfg.seed + state.step)
     try:
-        with stop.catch_interrupt(), use_adapter(roles.lm, handle.adapter):
+        with stop.catch_interrupt(), use_adapter(roles.lm, handle.adapter), lean_lora():
             # 3. the loop: one rollout and its PPO epochs per step, metrics and warnings after each
             for _ in range(cfg.steps):
                 batch = [prompts[order[(state.step * cfg.batch_size + i) % len(order)]] for i in range(cfg.batch_size)]
@@ -140,7 +140,8 @@ def ppo_step(
     layers = getattr(roles.lm.model.config, "num_hidden_layers", 0) or 1
     share = (layers - roles.depth) / layers if roles.depth > 0 else 1.0  # layers that run with gradients
     # step 3 from the decode steps when the update runs in chunks (else epoch 1's forward gives it for free)
-    capture = min(micro_batch_size(cfg, acc.device, share), cfg.mini_batch_size) < len(prompts)
+    width = max(map(len, encode_prompts(roles.lm, prompts))) + cfg.max_new_tokens  # the longest possible row
+    capture = min(micro_batch_size(cfg, acc.device, share, width), cfg.mini_batch_size) < len(prompts)
     capture = capture and getattr(acc, "mixed_precision", "no") == "no"  # fp32: decode and forward agree
     ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step, capture=capture)
     if ro.hidden is not None:
@@ -186,7 +187,7 @@ def update(
     values (the weights have not changed yet), which saves a full forward pass."""
     n = ro.input_ids.shape[0]
     mbs = min(cfg.mini_batch_size, n)
-    micro = min(micro_batch_size(cfg, acc.device, trained_share), mbs)
+    micro = min(micro_batch_size(cfg, acc.device, trained_share, ro.input_ids.shape[1]), mbs)
     stats: dict[str, list[float]] = {}
     merged = micro >= n
     if not merged and ro.logprobs is None:  # else: logprobs and values captured while sampling
@@ -217,15 +218,20 @@ def update(
     return stats
 
 
-def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0) -> int:
+CPU_CHUNK_TOKENS = 384  # tokens per chunk that run every layer with gradients, on a CPU (see micro_batch_size)
+
+
+def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0, row_tokens: int = 0) -> int:
     """Answers per forward/backward chunk: cfg.micro_batch_size, else the whole minibatch on an accelerator and,
-    on a CPU, as many as hold the activations of 2 answers through every layer (bounds peak memory): 2, or more
-    when a shared frozen prefix leaves only the top `trained_share` of the layers to run with gradients."""
+    on a CPU, as many rows of `row_tokens` tokens as keep about CPU_CHUNK_TOKENS tokens running with gradients
+    (bounds peak memory: ~0.45 GB of activations for SmolLM2-135M). With a shared frozen prefix only the top
+    `trained_share` of the layers run with gradients, so more rows fit."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if getattr(device, "type", str(device)) != "cpu":
         return cfg.mini_batch_size
-    return max(2, math.ceil(2 / max(trained_share, 1e-3)))
+    per_row = max(row_tokens, 1) * max(trained_share, 1e-3)
+    return max(1, int(CPU_CHUNK_TOKENS // per_row))
 
 
 def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, stats, first, entropy) -> None:  # type: ignore[no-untyped-def]
