@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import urllib.error
 
 # "[*]:" while a cell runs or waits in the queue, "[12]:" once it ran, "[ ]:" if it never ran
 PROMPTS_JS = (
@@ -62,13 +63,19 @@ def save_notebook(page, server, notebook: str, timeout: float = 60) -> dict:
     before = server.api(f"/api/contents/{notebook}?content=0")["last_modified"]
     page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
     page.locator("li.lm-Menu-item[data-command='docmanager:save']").click()
-    deadline = time.time() + timeout
+    deadline, last = time.time() + timeout, None
     while time.time() < deadline:
-        model = server.api(f"/api/contents/{notebook}?content=1")
-        if model["last_modified"] != before:
-            return model["content"]
+        try:
+            model = server.api(f"/api/contents/{notebook}?content=1")
+        except urllib.error.HTTPError as e:  # 400 "Unreadable Notebook": read while the server rewrote the file
+            if e.code != 400:
+                raise
+            last = e
+        else:
+            if model["last_modified"] != before:
+                return model["content"]
         time.sleep(0.3)
-    raise TimeoutError(f"{notebook} was not saved within {timeout:.0f}s")
+    raise TimeoutError(f"{notebook} was not saved within {timeout:.0f}s (last error: {last})")
 
 
 def saved_errors(nb: dict) -> list[str]:
