@@ -1,13 +1,15 @@
 """Seconds per PPO step, generated tokens/s and peak memory: rlhf-magic's engine vs TRL 1.12's PPOTrainer.
 
-    python bench/ppo_step.py [--steps 6] [--lora 1] [--trl-steps 6] [--skip-trl] [--lora-layers N] [--micro M]
+    python bench/ppo_step.py [--steps 6] [--lora 1] [--trl-steps 6] [--rounds 1] [--skip-trl] [--lora-layers N]
+                             [--micro M]
 
 Same model (SmolLM2-135M-Instruct, fp32), same 64 chat prompts, batch 8, exactly 48 new tokens (EOS ignored, as
 in the reference), temperature 0.7, 4 PPO epochs x 1 minibatch, in the same run. Each side runs in its own process
 so its peak memory is its own; a third process measures one copy of the model in inference (load + generate +
 forward) for the memory ratio. TRL 1.12 (the last release with PPOTrainer) lives in a side venv,
 `.bench-trl112/` (created on first use: torch==2.13.0 trl==1.12.0 peft datasets). `bench/reference/` holds the
-reference script from the project's shared benchmark material.
+reference script from the project's shared benchmark material. With `--rounds R` the two sides alternate R
+times and every launch's steady steps are pooled, so that the machine's drift (10-20% here) hits both alike.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def run_ours(steps: int, lora: bool, layers: int | None = None, micro: int | Non
         "lora_layers": layers or "all",
         "micro_batch_size": micro or "auto",
         "steps": len(times),
+        "step_times": times,
         "step_s": statistics.median(steady),
         "first_step_s": times[0],
         "gen_tok_s_generate_only": statistics.median(gen[1:] or gen),
@@ -144,6 +147,7 @@ def run_trl(steps: int, lora: bool) -> dict:
         "impl": "trl 1.12 PPOTrainer",
         "lora": lora,
         "steps": rec["steps"],
+        "step_times": [r["wall_s"] for r in rec["per_step"]],
         "step_s": rec["step_s"]["median"],
         "first_step_s": rec["first_step_s"],
         "gen_tok_s_generate_only": rec["gen_tok_s_generate_only"]["median"],
@@ -164,6 +168,20 @@ def child(kind: str, steps: int, lora: bool, layers: int | None = None, micro: i
     return json.loads(line[len("CHILD ") :])
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One side's record over several launches: median of every launch's steady steps (each launch's first step
+    is warm-up), the highest peak memory; one launch is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    steady = [t for r in runs for t in (r["step_times"][1:] or r["step_times"])]
+    out = {**runs[-1], "step_s": statistics.median(steady), "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+    out["steps"] = sum(r["steps"] for r in runs)
+    out["step_times"] = [r["step_times"] for r in runs]
+    out["gen_tok_s_generate_only"] = statistics.median(r["gen_tok_s_generate_only"] for r in runs)
+    out["gen_tok_s_whole_loop"] = BATCH * RESP / out["step_s"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
@@ -177,6 +195,7 @@ def main() -> None:
         help="ours only: adapt the top N layers (0: all, the same adapter as the TRL reference)",
     )
     ap.add_argument("--micro", type=int, default=0, help="ours only: micro_batch_size (0: the engine's default)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate ours and TRL this many times, pooling steps")
     ap.add_argument("--child", choices=["ours", "inference"])
     args = ap.parse_args()
     if args.child:
@@ -185,21 +204,28 @@ def main() -> None:
         print("CHILD " + json.dumps(rec), flush=True)
         return
     inference = child("inference", 0, False)
-    ours = child("ours", args.steps, bool(args.lora), args.lora_layers or None, args.micro or None)
+    rounds = []
+    for _ in range(args.rounds):  # alternate the two sides so that the machine's drift hits both alike
+        ours = child("ours", args.steps, bool(args.lora), args.lora_layers or None, args.micro or None)
+        trl = None if args.skip_trl else run_trl(args.trl_steps or args.steps, bool(args.lora))
+        rounds.append((ours, trl))
+    ours = pooled([o for o, _ in rounds])
     result = {
         "bench": "ppo_step",
         "batch": BATCH,
         "response_length": RESP,
         "num_ppo_epochs": EPOCHS,
         "threads": os.cpu_count(),
+        "rounds": args.rounds,
         "ours": ours,
         "one_model_inference_rss_mib": inference["peak_rss_mib"],
         "memory_vs_inference": round(ours["peak_rss_mib"] / inference["peak_rss_mib"], 2),
     }
     if not args.skip_trl:
-        trl = run_trl(args.trl_steps or args.steps, bool(args.lora))
+        trl = pooled([t for _, t in rounds])
         result["trl"] = trl
         result["speedup_per_step"] = round(trl["step_s"] / ours["step_s"], 2)
+        result["speedup_by_round"] = [round(t["step_s"] / o["step_s"], 2) for o, t in rounds]
         result["memory_ratio_ours_over_trl"] = round(ours["peak_rss_mib"] / trl["peak_rss_mib"], 2)
     print("RESULT " + json.dumps(result))
 
