@@ -177,6 +177,9 @@ def pooled(runs: list[dict]) -> dict:
     out = {**runs[-1], "step_s": statistics.median(steady), "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
     out["steps"] = sum(r["steps"] for r in runs)
     out["step_times"] = [r["step_times"] for r in runs]
+    out["first_step_s"] = [r["first_step_s"] for r in runs]
+    if "total_s" in out:
+        out["total_s"] = sum(r["total_s"] for r in runs)
     out["gen_tok_s_generate_only"] = statistics.median(r["gen_tok_s_generate_only"] for r in runs)
     out["gen_tok_s_whole_loop"] = BATCH * RESP / out["step_s"]
     return out
