@@ -388,3 +388,25 @@ def test_freed_tensor_memory_goes_back_to_the_os_between_micro_batches():
     release_free_memory(torch.device("cpu"))
     assert rss_mib() < held - 100, (held, rss_mib())
     del pin
+
+
+def test_ppo_on_packed_rows_makes_the_same_update(sft, monkeypatch):
+    """The chat prompt every answer starts with runs once per forward and padding not at all: the same step."""
+    from rlhf_magic.engine import modules
+
+    trained, packed = [], []
+    real, limit = modules.pack_rows, modules.PACK_MAX_TOKENS
+
+    def spy(*args):
+        out = real(*args)
+        packed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(modules, "pack_rows", spy)
+    trained.append(_seeded_run("packed", sft, steps=2, micro_batch_size=4)[1])
+    assert packed and all(packed)  # every policy, reference and update forward ran on packed rows
+    packed.clear()
+    monkeypatch.setattr(modules, "PACK_MAX_TOKENS", 0)
+    trained.append(_seeded_run("padded", sft, steps=2, micro_batch_size=4)[1])
+    assert packed and not any(packed) and limit > 0
+    _assert_same(*trained)

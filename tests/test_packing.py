@@ -1,0 +1,64 @@
+"""Packed rows: a padded batch as one sequence with its shared prompt once and no padding gives the same states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_magic.engine import modules as M
+from rlhf_magic.engine.tiny import tiny_model
+
+SHARED = 12
+
+
+def batch(pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 rows that start with the same 12 tokens, padded on `side`, one of them with PAD after an 'EOS'."""
+    torch.manual_seed(0)
+    ids = torch.full((4, 30), pad_id)
+    mask = torch.zeros_like(ids)
+    prompt = torch.arange(10, 10 + SHARED)
+    for i, pad in enumerate([3, 0, 5, 1]):
+        row = torch.cat([prompt, torch.randint(5, 100, (30 - pad - SHARED,))])
+        cols = slice(pad, None) if side == "left" else slice(None, 30 - pad)
+        ids[i, cols], mask[i, cols] = row, 1
+    last = int(mask[2].nonzero().max())
+    ids[2, last - 2 : last + 1], mask[2, last - 2 : last + 1] = pad_id, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_states_and_gradients_of_the_padded_batch(side, attn, monkeypatch):
+    model, tok = tiny_model()
+    model.config._attn_implementation = attn
+    model.train()
+    ids, mask = batch(tok.pad_token_id, side)
+    assert M.shared_prompt_size(ids, mask) == SHARED
+    packed = M.pack_rows(model, ids, mask)
+    assert packed is not None and packed.tokens.shape[1] == int(mask.sum()) - 3 * SHARED
+    states = M.hidden_states(model, ids, mask)
+    monkeypatch.setattr(M, "PACK_MAX_TOKENS", 0)  # the padded batch
+    assert M.pack_rows(model, ids, mask) is None
+    padded = M.hidden_states(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(states[real], padded[real], rtol=1e-5, atol=1e-5)
+    assert (states[~real] == 0).all()
+    weights = torch.randn_like(states) * mask[..., None]
+    params = list(model.parameters())
+    grads = torch.autograd.grad((states * weights).sum(), params)
+    expected = torch.autograd.grad((padded * weights).sum(), params)
+    assert all(g.abs().sum() > 0 for g in grads[1:])
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)  # grads reach ~500 here
+
+
+def test_rows_are_packed_only_where_it_saves_tokens():
+    model, tok = tiny_model()
+    ids, mask = batch(tok.pad_token_id, "left")
+    ids[:, :SHARED] = torch.randint(5, 100, (4, SHARED))  # nothing shared, and little padding
+    mask[:] = 1
+    assert M.shared_prompt_size(ids, mask) == 0 and M.pack_rows(model, ids, mask) is None
+    ids, mask = batch(tok.pad_token_id, "left")
+    assert M.pack_rows(model, ids[:1], mask[:1]) is None  # one row: nothing to share
+    model.config.model_type = "gemma"  # only layer stacks known to take a block mask and free positions
+    assert M.pack_rows(model, ids, mask) is None
