@@ -60,5 +60,7 @@ def test_rows_are_packed_only_where_it_saves_tokens():
     assert M.shared_prompt_size(ids, mask) == 0 and M.pack_rows(model, ids, mask) is None
     ids, mask = batch(tok.pad_token_id, "left")
     assert M.pack_rows(model, ids[:1], mask[:1]) is None  # one row: nothing to share
+    long = torch.cat([ids, torch.randint(5, 100, (4, 150))], 1)  # ~700 tokens: N x N attention would cost more
+    assert M.pack_rows(model, long, torch.cat([mask, torch.ones(4, 150, dtype=mask.dtype)], 1)) is None
     model.config.model_type = "gemma"  # only layer stacks known to take a block mask and free positions
     assert M.pack_rows(model, ids, mask) is None

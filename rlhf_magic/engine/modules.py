@@ -65,7 +65,7 @@ def hidden_states(
 # the shared prompt and the earlier tokens of its own row, and position ids are those of the padded rows, so the
 # states are the same; the linear layers, most of the cost, then run on fewer tokens in one large product.
 PACK_MAX_TOKENS = 1024  # longest packed sequence (its attention mask is N x N)
-PACK_MIN_SAVING = 0.15  # pack when that drops at least this share of the padded batch's tokens
+PACK_MIN_SAVING = 0.1  # pack when the estimated cost (pack_cost) falls by at least this share
 
 
 @dataclass
@@ -98,6 +98,13 @@ def shared_prompt_size(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return int(((tokens == tokens[:1]) & on).all(0).long().cumprod(0).sum())
 
 
+def pack_cost(model: Any, tokens: int, pairs: int) -> float:
+    """FLOPs per layer, roughly: the linear layers per token, and attention per (query, key) pair. The packed
+    sequence attends densely (N x N under its mask), so long packed rows lose to the padded batch."""
+    linear = 2 * sum(p.numel() for p in model.get_decoder().layers[0].parameters())
+    return tokens * linear + pairs * 4 * model.config.hidden_size
+
+
 def pack_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows | None:
     """The packed form of a padded batch, or None where packing is not possible or saves too little."""
     cfg = model.config
@@ -111,18 +118,20 @@ def pack_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     real = attention_mask.bool()
     size = shared_prompt_size(input_ids, attention_mask)
     count = int(real.sum()) - size * (input_ids.shape[0] - 1)
-    if count > PACK_MAX_TOKENS or count > (1 - PACK_MIN_SAVING) * input_ids.numel():
+    rows, width = input_ids.shape
+    padded = pack_cost(model, rows * width, rows * width * width)
+    if count > PACK_MAX_TOKENS or pack_cost(model, count, count * count) > (1 - PACK_MIN_SAVING) * padded:
         return None
     first = real.long().argmax(1)
-    col = torch.arange(input_ids.shape[1], device=device)[None] - first[:, None]  # column within the row
+    col = torch.arange(width, device=device)[None] - first[:, None]  # column within the row
     keep = real & (col >= size)  # each row's own tokens: the shared prompt runs once, from row 0
-    rows = torch.arange(input_ids.shape[0], device=device)[:, None].expand_as(keep)[keep]
+    owner = torch.arange(rows, device=device)[:, None].expand_as(keep)[keep]
     index = torch.full(input_ids.shape, -1, dtype=torch.long, device=device)
     index[keep] = torch.arange(size, count, device=device)
     index = torch.where(real & (col < size), col, index)
     tokens = torch.cat([input_ids[0][real[0] & (col[0] < size)], input_ids[keep]])
     positions = torch.cat([torch.arange(size, device=device), (real.long().cumsum(1) - 1)[keep]])
-    owner = torch.cat([rows.new_full((size,), -1), rows])
+    owner = torch.cat([owner.new_full((size,), -1), owner])
     order = torch.arange(count, device=device)
     allowed = (order[None] <= order[:, None]) & ((owner[None] == owner[:, None]) | (owner[None] == -1))
     return PackedRows(tokens[None], positions[None], allowed[None, None], index)
