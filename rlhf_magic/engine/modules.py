@@ -63,7 +63,8 @@ def hidden_states(
 # Packed rows: the batch's real tokens as one sequence, with the prompt tokens that every row starts with (a chat
 # template's system prompt, the K answers of one prompt) once, and no padding. A block mask lets each token see
 # the shared prompt and the earlier tokens of its own row, and position ids are those of the padded rows, so the
-# states are the same; the linear layers, most of the cost, then run on fewer tokens in one large product.
+# states are the same; the linear layers, most of the cost, then run on fewer tokens in one large product. Like
+# the frozen prefix, only PREFIX_MODEL_TYPES (whose layers take a 4-D mask and free position ids as they are).
 PACK_MAX_TOKENS = 1024  # longest packed sequence (its attention mask is N x N)
 PACK_MIN_SAVING = 0.1  # pack when the estimated cost (pack_cost) falls by at least this share
 
@@ -114,11 +115,10 @@ def pack_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
         or input_ids.shape[0] < 2
     ):
         return None
-    device = input_ids.device
+    device, (rows, width) = input_ids.device, input_ids.shape
     real = attention_mask.bool()
     size = shared_prompt_size(input_ids, attention_mask)
-    count = int(real.sum()) - size * (input_ids.shape[0] - 1)
-    rows, width = input_ids.shape
+    count = int(real.sum()) - size * (rows - 1)
     padded = pack_cost(model, rows * width, rows * width * width)
     if count > PACK_MAX_TOKENS or pack_cost(model, count, count * count) > (1 - PACK_MIN_SAVING) * padded:
         return None
