@@ -108,6 +108,9 @@ def logprobs_from_hidden(
     return logits / temperature - _acc(logsumexp)
 
 
+KEEP_LOGITS_BYTES = 64 * 2**20  # logprobs_from_head keeps the logits for backward up to this size
+
+
 class HeadLogprobs(NamedTuple):
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
@@ -125,31 +128,38 @@ def logprobs_from_head(
     """log softmax((hidden @ weight.T + bias) / temperature)[tokens] (and, with entropy=True, the entropy of that
     distribution, without gradient) for float32 inputs, without ever forming the [..., V] logits.
 
-    The vocabulary is processed `chunk` rows of `weight` at a time (an online logsumexp), and the backward pass
-    recomputes each chunk's probabilities, so memory stays at one [chunk, N] block instead of several [N, V] ones
-    (37.7 MB each for 4 answers x 48 tokens x 49k vocab). Gradients reach hidden, and weight/bias when they
-    require them. hidden [..., H], weight [V, H], tokens [...]."""
+    The vocabulary is processed `chunk` rows of `weight` at a time (an online logsumexp), so the forward holds one
+    [chunk, N] block instead of several [N, V] ones (37.7 MB each for 4 answers x 48 tokens x 49k vocab). For the
+    backward pass the scaled logits are kept while they take at most KEEP_LOGITS_BYTES (one [N, V] block, which
+    saves recomputing the head's product), else each chunk is recomputed. Gradients reach hidden, and weight/bias
+    when they require them. hidden [..., H], weight [V, H], tokens [...]."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     shape = tokens.shape
     h, idx = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, float(temperature), entropy, chunk)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    keep = grad and h.shape[0] * weight.shape[0] * h.element_size() <= KEEP_LOGITS_BYTES
+    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, float(temperature), entropy, chunk, keep)
     return HeadLogprobs(lp.view(shape), ent.view(shape) if entropy else None)
 
 
 class _HeadLogprobs(torch.autograd.Function):
     """Forward: an online logsumexp (and entropy) over vocabulary chunks. Backward: d lp / d z = onehot - softmax,
-    so grad_h = g / T * (W[token] - softmax(z) @ W), with softmax recomputed chunk by chunk."""
+    so grad_h = g / T * (W[token] - softmax(z) @ W), with softmax from the kept logits or recomputed chunk by
+    chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, idx, temperature, want_entropy, chunk):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, h, weight, bias, idx, temperature, want_entropy, chunk, keep):  # type: ignore[no-untyped-def, override]
         # m: running max of z = logits / T; s = sum exp(z - m); a = sum exp(z - m) * (z - m) (for the entropy)
         m = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
         s, a = torch.zeros_like(m), torch.zeros_like(m)
-        for _, z in _scaled_logit_chunks(h, weight, bias, temperature, chunk):
+        kept = []
+        for c, z in _scaled_logit_chunks(h, weight, bias, temperature, chunk):
             new = torch.maximum(m, z.amax(0))
             rescale, shift = torch.exp(m - new), torch.where(torch.isfinite(m), m - new, 0.0)
-            z.sub_(new)
+            if keep:
+                kept.append((c, z))
+            z = z - new if keep else z.sub_(new)
             e = z.exp()
             if want_entropy:
                 a = rescale * (a + s * shift) + (e * z).sum(0)
@@ -159,7 +169,7 @@ class _HeadLogprobs(torch.autograd.Function):
         chosen = (h * weight[idx]).sum(-1) + (0 if bias is None else bias[idx])
         ent = (s.log() - a / s) if want_entropy else lse.new_zeros(0)
         ctx.save_for_backward(h, weight, bias, idx, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.kept = temperature, chunk, kept or None
         ctx.mark_non_differentiable(ent)
         return chosen / temperature - lse, ent
 
@@ -172,7 +182,9 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_h_t = torch.zeros_like(h.t())  # [H, N]: W[c].T @ p is the faster product on a CPU
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
-        for c, z in _scaled_logit_chunks(h, weight, bias, ctx.temperature, ctx.chunk):
+        chunks = ctx.kept or _scaled_logit_chunks(h, weight, bias, ctx.temperature, ctx.chunk)
+        ctx.kept = None
+        for c, z in chunks:
             p = z.sub_(lse).exp_().mul_(g)  # [C, N]: softmax * g
             grad_h_t.addmm_(weight[c].t(), p, alpha=-1.0)
             if grad_w is not None:
@@ -184,7 +196,7 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_w.index_add_(0, idx, g[:, None] * h)
         if grad_b is not None:
             grad_b.index_add_(0, idx, g)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _scaled_logit_chunks(h, weight, bias, temperature, chunk):  # type: ignore[no-untyped-def]

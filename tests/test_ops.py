@@ -147,9 +147,12 @@ def test_logprobs_from_hidden_equal_log_softmax_of_the_full_logits(gen):
         ops.logprobs_from_hidden(hidden, weight, None, tokens, lse, 0.0)
 
 
-def test_logprobs_from_head_equal_log_softmax_of_the_logits_with_the_same_gradients(gen):
+@pytest.mark.parametrize("keep_bytes", [ops.KEEP_LOGITS_BYTES, 0], ids=["kept-logits", "recomputed-logits"])
+def test_logprobs_from_head_equal_log_softmax_of_the_logits_with_the_same_gradients(gen, keep_bytes, monkeypatch):
     """Vocabulary chunks of 4 (11 = 4 + 4 + 3) with an online logsumexp: values, entropy and the gradients for
-    hidden, weight and bias all equal those of the full logits (float64, so exactly to rounding)."""
+    hidden, weight and bias all equal those of the full logits (float64, so exactly to rounding), whether the
+    backward pass uses the kept logits or recomputes them."""
+    monkeypatch.setattr(ops, "KEEP_LOGITS_BYTES", keep_bytes)
     tokens = torch.randint(0, V, (B, T), generator=gen)
     for bias_on in (False, True):
         hidden = (3 * rand(gen, B, T, 5)).requires_grad_()
