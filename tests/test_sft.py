@@ -188,6 +188,35 @@ def test_skinny_linear_computes_the_same_products_and_always_restores_nn_linear(
     assert torch.nn.Linear.forward is original
 
 
+def test_fast_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
+    """The inverse-CDF draw that replaces torch.multinomial(probs, 1) during CPU generation: frequencies match the
+    (unnormalised) probabilities within 5 standard errors, including entries in different blocks, the last entry and
+    a vocabulary that is not a multiple of the block; zero-probability entries are never drawn."""
+    from rlhf_magic.engine.generation import _MULTINOMIAL, categorical, fast_sampling
+
+    torch.manual_seed(0)
+    width, draws = 1000, 40_000
+    probs = torch.zeros(width)
+    support = {3: 0.5, 255: 2.0, 256: 1.0, 700: 0.25, 999: 1.25}  # block edges, a later block, the last entry
+    for i, w in support.items():
+        probs[i] = w
+    got = categorical(probs.expand(draws, width).contiguous()).squeeze(1)
+    counts = torch.bincount(got, minlength=width).double()
+    assert set(counts.nonzero().squeeze(1).tolist()) <= set(support)
+    share = probs.double() / probs.sum()
+    err = (counts / draws - share).abs()
+    assert (err <= 5 * (share * (1 - share) / draws).sqrt() + 1e-12).all(), err[list(support)]
+    one_hot = torch.zeros(4, 600)
+    one_hot[:, 599] = 1.0  # all the mass on the last entry of a padded last block
+    assert categorical(one_hot).squeeze(1).tolist() == [599] * 4
+    with fast_sampling(torch.device("cpu")):
+        assert torch.multinomial is not _MULTINOMIAL
+        assert torch.multinomial(share.float().expand(3, width), 2).shape == (3, 2)  # other calls: the original
+        with pytest.raises(RuntimeError, match="nan"):  # bad probabilities: multinomial's own error
+            torch.multinomial(torch.full((2, width), float("nan")), 1)
+    assert torch.multinomial is _MULTINOMIAL
+
+
 def test_lean_lora_forward_gives_peft_outputs_and_gradients_for_stacked_adapters_and_is_undone():
     """Generation and PPO run peft's LoRA layers through a leaner forward: the same logits (adapters stacked, one,
     or off) and the same gradients for the adapter weights; peft's forward comes back, even after an error."""
