@@ -188,6 +188,41 @@ def test_skinny_linear_computes_the_same_products_and_always_restores_nn_linear(
     assert torch.nn.Linear.forward is original
 
 
+def test_native_decode_kernel_matches_torch_and_steps_aside_where_it_does_not_apply(monkeypatch):
+    """The native product for decode steps equals x @ W.T + b for 1 to MAX_ROWS rows (K not a multiple of 8, with
+    and without bias); it declines more rows, gradients and other dtypes, and a missing compiler or
+    RLHF_MAGIC_NATIVE=0 leave no kernel (torch is used) instead of an error."""
+    import shutil
+
+    from rlhf_magic.engine import native
+
+    if not native._cpu_supported() or not shutil.which("gcc"):
+        pytest.skip("the native kernel needs Linux x86-64 with AVX2/FMA and a C compiler")
+    assert native.skinny_kernel() is not None  # builds, loads and passes its own check product
+    torch.manual_seed(0)
+    weight, bias = torch.randn(70, 43), torch.randn(70)
+    for rows in (1, 5, 8, 9, native.MAX_ROWS):
+        x = torch.randn(rows, 43)
+        for b in (bias, None):
+            want = x @ weight.t() + (0 if b is None else b)
+            torch.testing.assert_close(native.skinny_linear(x, weight, b), want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 43)
+    assert native.skinny_linear(torch.randn(native.MAX_ROWS + 1, 43), weight, bias) is None
+    assert native.skinny_linear(x.double(), weight.double(), None) is None
+    assert native.skinny_linear(x.requires_grad_(), weight, bias) is None
+    with torch.no_grad():
+        assert native.skinny_linear(x, weight, bias) is not None
+    try:
+        for env, value in (("RLHF_MAGIC_NATIVE", "0"), ("CC", "/nonexistent/cc")):
+            with monkeypatch.context() as m:
+                m.setenv(env, value)
+                native.skinny_kernel.cache_clear()
+                assert native.skinny_kernel() is None
+                assert native.skinny_linear(x.detach(), weight, bias) is None
+    finally:
+        native.skinny_kernel.cache_clear()
+
+
 def test_fast_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
     """The inverse-CDF draw that replaces torch.multinomial(probs, 1) during CPU generation: frequencies match the
     (unnormalised) probabilities within 5 standard errors, including entries in different blocks, the last entry and

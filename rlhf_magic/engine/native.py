@@ -1,0 +1,153 @@
+"""One small native kernel for CPU decode steps: y = x W^T + b for a few rows x (x86-64 with AVX2 and FMA).
+
+A decode step multiplies every weight matrix by a handful of rows (one per answer). That is a matrix-vector
+product bound by reading the weights once, but MKL's GEMM runs it far below memory speed: on a 2-core EPYC, 60
+products of 8 rows by a 1536 x 576 weight take 30-38 ms in MKL and 16-21 ms here. The kernel reads each weight row
+once and keeps the few input rows in L1. It is compiled once with the system C compiler into the cache folder and
+loaded with ctypes. Where there is no compiler, no AVX2/FMA, or the compiled kernel disagrees with torch on a check
+product, `skinny_kernel()` returns None and callers use torch. RLHF_MAGIC_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 12  # above this MKL's GEMM is as fast (measured: equal at 16 rows, 1.4x faster at 32)
+
+SOURCE = r"""
+#include <immintrin.h>
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo); lo = _mm_hadd_ps(lo, lo); return _mm_cvtss_f32(lo);
+}
+/* y[b, o] = sum_k W[o, k] x[b, k] (+ bias[o]); W [O, K], x [B, K], y [B, O], row-major float32 */
+void skinny(const float* W, const float* x, const float* bias, float* y, long O, long K, long B) {
+  long K8 = K - K % 8;
+  #pragma omp parallel for schedule(static)
+  for (long o = 0; o < O; o++) {
+    const float* w = W + o * K;
+    float bo = bias ? bias[o] : 0.0f;
+    for (long b0 = 0; b0 < B; b0 += 8) {
+      long nb = B - b0 < 8 ? B - b0 : 8;
+      const float* xb = x + b0 * K;
+      __m256 acc[8];
+      for (int b = 0; b < 8; b++) acc[b] = _mm256_setzero_ps();
+      if (nb == 8) {
+        for (long k = 0; k < K8; k += 8) {
+          __m256 wv = _mm256_loadu_ps(w + k);
+          #pragma GCC unroll 8
+          for (int b = 0; b < 8; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + b * K + k), acc[b]);
+        }
+      } else {
+        for (long k = 0; k < K8; k += 8) {
+          __m256 wv = _mm256_loadu_ps(w + k);
+          for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + b * K + k), acc[b]);
+        }
+      }
+      for (int b = 0; b < nb; b++) {
+        float s = hsum(acc[b]) + bo;
+        for (long k = K8; k < K; k++) s += w[k] * xb[b * K + k];
+        y[(b0 + b) * O + o] = s;
+      }
+    }
+  }
+}
+"""
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [rows, K] @ weight.T + bias with the native kernel, or None where it does not apply (too many rows,
+    not float32 on a CPU, gradients needed, or no kernel)."""
+    rows = x.shape[0]
+    if (
+        rows > MAX_ROWS
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not weight.is_contiguous()
+        or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return None
+    kernel = skinny_kernel()
+    if kernel is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    b = None if bias is None else bias.data_ptr()
+    kernel(weight.data_ptr(), x.data_ptr(), b, out.data_ptr(), *weight.shape, rows)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def skinny_kernel() -> Callable[..., None] | None:
+    """The compiled kernel (built on first use, then loaded from the cache), or None where it is unavailable."""
+    if os.environ.get("RLHF_MAGIC_NATIVE", "1") == "0" or not _cpu_supported():
+        return None
+    try:
+        fn = ctypes.CDLL(str(_build()))["skinny"]
+    except (OSError, subprocess.SubprocessError, RuntimeError) as err:
+        log.info("native decode kernel unavailable (%s); using torch", err)
+        return None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    fn.restype = None
+    return fn if _agrees(fn) else None
+
+
+def _cpu_supported() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split())
+
+
+def _build() -> Path:
+    from .models import cache_dir
+
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler")
+    digest = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc).encode()).hexdigest()[:16]
+    folder = cache_dir() / "native"
+    out = folder / f"skinny-{digest}.so"
+    if out.exists():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, lib = Path(tmp) / "skinny.c", Path(tmp) / "skinny.so"
+        src.write_text(SOURCE)
+        done = subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:200]}")
+        os.replace(lib, out)  # atomic: another process never loads a half-written library
+    return out
+
+
+def _agrees(fn: Callable[..., None]) -> bool:
+    """A check product with an odd K (the scalar tail), 11 rows (two groups) and a bias, against torch."""
+    gen = torch.Generator().manual_seed(0)
+    w, x, b = (torch.randn(*shape, generator=gen) for shape in ((37, 21), (11, 21), (37,)))
+    out = torch.empty(11, 37)
+    fn(w.data_ptr(), x.data_ptr(), b.data_ptr(), out.data_ptr(), 37, 21, 11)
+    ok = torch.allclose(out, x @ w.t() + b, atol=1e-4)
+    if not ok:
+        log.warning("native decode kernel disagrees with torch; using torch")
+    return ok
