@@ -60,7 +60,12 @@ def test_rows_are_packed_only_where_it_saves_tokens():
     assert M.shared_prompt_size(ids, mask) == 0 and M.pack_rows(model, ids, mask) is None
     ids, mask = batch(tok.pad_token_id, "left")
     assert M.pack_rows(model, ids[:1], mask[:1]) is None  # one row: nothing to share
-    long = torch.cat([ids, torch.randint(5, 100, (4, 150))], 1)  # ~700 tokens: N x N attention would cost more
-    assert M.pack_rows(model, long, torch.cat([mask, torch.ones(4, 150, dtype=mask.dtype)], 1)) is None
+    ones = torch.ones(4, 150, dtype=mask.dtype)
+    long = torch.cat([ids, torch.randint(5, 100, (4, 150))], 1)  # 36 + 12 of 720 tokens saved: under 10%
+    assert M.pack_rows(model, long, torch.cat([mask, ones], 1)) is None
+    right, right_mask = batch(tok.pad_token_id, "right")
+    prompt = torch.cat([torch.arange(10, 160).expand(4, 150), right], 1)  # a long shared prompt: 498 of 720 saved
+    packed = M.pack_rows(model, prompt, torch.cat([ones, right_mask], 1))
+    assert packed is not None and packed.tokens.shape[1] == 720 - 12 - 3 * (150 + SHARED)
     model.config.model_type = "gemma"  # only layer stacks known to take a block mask and free positions
     assert M.pack_rows(model, ids, mask) is None

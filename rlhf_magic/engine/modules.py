@@ -61,32 +61,63 @@ def hidden_states(
 
 
 # Packed rows: the batch's real tokens as one sequence, with the prompt tokens that every row starts with (a chat
-# template's system prompt, the K answers of one prompt) once, and no padding. A block mask lets each token see
-# the shared prompt and the earlier tokens of its own row, and position ids are those of the padded rows, so the
-# states are the same; the linear layers, most of the cost, then run on fewer tokens in one large product. Like
-# the frozen prefix, only PREFIX_MODEL_TYPES (whose layers take a 4-D mask and free position ids as they are).
-PACK_MAX_TOKENS = 1024  # longest packed sequence (its attention mask is N x N)
-PACK_MIN_SAVING = 0.1  # pack when the estimated cost (pack_cost) falls by at least this share
+# template's system prompt, the K answers of one prompt) once, and no padding. The linear layers, most of the cost,
+# run on that sequence in one large product. Attention runs per row: each layer's queries, keys and values are
+# gathered back into the padded rows (the shared prompt's keys and values into every row), attend there under the
+# rows' causal and padding mask, and each packed token takes its row's output (row 0's for the shared prompt). Position
+# ids are those of the padded rows, so states and gradients are the same. Like the frozen prefix, only
+# PREFIX_MODEL_TYPES (whose layers take free position ids and call the configured attention function).
+PACK_MAX_TOKENS = 8192  # longest packed sequence
+PACK_MIN_SAVING = 0.1  # pack when the tokens through the linear layers fall by at least this share
+ROW_ATTENTION = "rlhf_magic_rows"  # the attention function of packed rows (registered with transformers)
 
 
 @dataclass
 class PackedRows:
     tokens: torch.Tensor  # [1, N]
     positions: torch.Tensor  # [1, N]
-    allowed: torch.Tensor  # [1, 1, N, N] which token may attend to which
     index: torch.Tensor  # [B, T] packed position of each real (row, column); -1 on padding
+    back: torch.Tensor  # [N] where each packed token's attention output is in the padded rows (row * T + column)
+    allowed: torch.Tensor  # [B, 1, T, T] which key each query of the padded rows may attend to
+    inner: str = "sdpa"  # the model's own attention implementation, which runs on the padded rows
 
     def states(self, trunk: Any) -> torch.Tensor:
         """Last hidden states [B, T, H] in the padded layout (zeros on padding)."""
+        self.inner = trunk.config._attn_implementation
         mask = self.allowed
-        if trunk.config._attn_implementation != "sdpa":  # eager: an additive mask
+        if self.inner != "sdpa":  # eager: an additive mask
             mask = torch.zeros(mask.shape, dtype=trunk.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(trunk.dtype).min
             )
         kw = {"attention_mask": mask, "position_ids": self.positions, "use_cache": False}
-        hidden = trunk(input_ids=self.tokens, **kw).last_hidden_state[0]
+        _PACKED.append(self)
+        trunk.config._attn_implementation_internal = ROW_ATTENTION  # no setter checks: restored just below
+        try:
+            hidden = trunk(input_ids=self.tokens, **kw).last_hidden_state[0]
+        finally:
+            trunk.config._attn_implementation_internal = self.inner
+            _PACKED.pop()
         real = self.index >= 0
         return hidden[self.index.clamp(min=0)] * real[..., None].to(hidden.dtype)
+
+
+_PACKED: list[PackedRows] = []  # the packed batch whose forward pass is running
+
+
+def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):  # type: ignore[no-untyped-def]
+    """Attention of packed rows ([1, heads, N, d] in, [1, N, heads, d] out), computed on the padded rows."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    rows = _PACKED[-1]
+    (count, width), flat = rows.index.shape, rows.index.clamp(min=0).reshape(-1)
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, h, N, d] -> [B, h, T, d]
+        return x[0].index_select(1, flat).unflatten(1, (count, width)).transpose(0, 1)
+
+    inner = ALL_ATTENTION_FUNCTIONS.get_interface(rows.inner, eager_attention_forward)
+    out, _ = inner(module, unpack(query), unpack(key), unpack(value), mask, **kw)  # [B, T, h, d]
+    return out.flatten(0, 1).index_select(0, rows.back)[None], None
 
 
 def shared_prompt_size(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -99,15 +130,8 @@ def shared_prompt_size(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return int(((tokens == tokens[:1]) & on).all(0).long().cumprod(0).sum())
 
 
-def pack_cost(model: Any, tokens: int, pairs: int) -> float:
-    """FLOPs per layer, roughly: the linear layers per token, and attention per (query, key) pair. The packed
-    sequence attends densely (N x N under its mask), so long packed rows lose to the padded batch."""
-    linear = 2 * sum(p.numel() for p in model.get_decoder().layers[0].parameters())
-    return tokens * linear + pairs * 4 * model.config.hidden_size
-
-
 def pack_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows | None:
-    """The packed form of a padded batch, or None where packing is not possible or saves too little."""
+    """The packed form of a padded batch, or None where packing is not possible or saves too few tokens."""
     cfg = model.config
     if (
         getattr(cfg, "model_type", None) not in PREFIX_MODEL_TYPES
@@ -119,22 +143,23 @@ def pack_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     real = attention_mask.bool()
     size = shared_prompt_size(input_ids, attention_mask)
     count = int(real.sum()) - size * (rows - 1)
-    padded = pack_cost(model, rows * width, rows * width * width)
-    if count > PACK_MAX_TOKENS or pack_cost(model, count, count * count) > (1 - PACK_MIN_SAVING) * padded:
+    if count > PACK_MAX_TOKENS or count > (1 - PACK_MIN_SAVING) * rows * width:
         return None
     first = real.long().argmax(1)
     col = torch.arange(width, device=device)[None] - first[:, None]  # column within the row
     keep = real & (col >= size)  # each row's own tokens: the shared prompt runs once, from row 0
-    owner = torch.arange(rows, device=device)[:, None].expand_as(keep)[keep]
     index = torch.full(input_ids.shape, -1, dtype=torch.long, device=device)
     index[keep] = torch.arange(size, count, device=device)
     index = torch.where(real & (col < size), col, index)
-    tokens = torch.cat([input_ids[0][real[0] & (col[0] < size)], input_ids[keep]])
+    shared = real[0] & (col[0] < size)
+    tokens = torch.cat([input_ids[0][shared], input_ids[keep]])
     positions = torch.cat([torch.arange(size, device=device), (real.long().cumsum(1) - 1)[keep]])
-    owner = torch.cat([owner.new_full((size,), -1), owner])
-    order = torch.arange(count, device=device)
-    allowed = (order[None] <= order[:, None]) & ((owner[None] == owner[:, None]) | (owner[None] == -1))
-    return PackedRows(tokens[None], positions[None], allowed[None, None], index)
+    flat = torch.arange(rows * width, device=device).view(rows, width)
+    back = torch.cat([flat[0][shared], flat[keep]])
+    order = torch.arange(width, device=device)
+    causal = order[None, :] <= order[:, None]  # [T, T] key at or before the query
+    allowed = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)  # padding: itself
+    return PackedRows(tokens[None], positions[None], index, back, allowed[:, None])
 
 
 def frozen_depth(model: Any, adapters: Sequence[str]) -> int:
@@ -262,3 +287,12 @@ class PolicyValue(nn.Module):
         hidden = response_hidden(self.model, input_ids, attention_mask, start, prefix)
         lp, ent = head_logprobs(self.model, hidden, input_ids[:, start:], temperature, entropy)
         return lp, self.value_head(hidden.float()).squeeze(-1), ent
+
+
+def _register_row_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ROW_ATTENTION, _row_attention)
+
+
+_register_row_attention()
