@@ -67,8 +67,8 @@ def save_notebook(page, server, notebook: str, timeout: float = 60) -> dict:
     while time.time() < deadline:
         try:
             model = server.api(f"/api/contents/{notebook}?content=1")
-        except urllib.error.HTTPError as e:  # 400 "Unreadable Notebook": read while the server rewrote the file
-            if e.code != 400:
+        except urllib.error.HTTPError as e:  # read while the server rewrote the file: 400 "Unreadable Notebook",
+            if e.code not in (400, 500):  # or 500 "No such file" between its atomic write's remove and rename
                 raise
             last = e
         else:
