@@ -108,6 +108,31 @@ def logprobs_from_hidden(
     return logits / temperature - _acc(logsumexp)
 
 
+CATEGORICAL_BLOCK = 256  # vocabulary entries per block in categorical()
+
+
+def categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of `probs` [B, V] (non-negative, not necessarily normalised), drawn with probability
+    probs[b, i] / probs[b].sum(): the distribution of torch.multinomial(probs, 1), from B uniform numbers.
+
+    Inverse CDF in two levels: a block of CATEGORICAL_BLOCK entries by the cumulative sum of block totals, then an
+    entry by the cumulative sum inside that block, both in float64, so no entry's share is off by more than float32
+    rounding. A zero-probability entry is never drawn."""
+    rows, width = probs.shape
+    pad = (-width) % CATEGORICAL_BLOCK
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).reshape(rows, -1, CATEGORICAL_BLOCK)
+    totals = blocks.sum(-1, dtype=torch.float64)  # [B, blocks]
+    cum = totals.cumsum(-1)
+    if not bool(torch.isfinite(cum[:, -1]).all() & (cum[:, -1] > 0).all()):
+        raise ValueError("categorical: each row of probs needs a finite, positive sum")
+    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * cum[:, -1:]
+    k = torch.minimum(torch.searchsorted(cum, u, right=True), (cum < cum[:, -1:]).sum(-1, keepdim=True))
+    u = u - (cum.gather(1, k) - totals.gather(1, k))  # what is left to cover inside block k
+    inner = blocks[torch.arange(rows, device=probs.device), k[:, 0]].double().cumsum(-1)  # [B, CATEGORICAL_BLOCK]
+    j = torch.minimum(torch.searchsorted(inner, u, right=True), (inner < inner[:, -1:]).sum(-1, keepdim=True))
+    return k * CATEGORICAL_BLOCK + j
+
+
 KEEP_LOGITS_BYTES = 64 * 2**20  # logprobs_from_head keeps the logits for backward up to this size
 
 

@@ -227,7 +227,8 @@ def test_fast_sampling_draws_from_the_distribution_and_never_a_zero_probability_
     """The inverse-CDF draw that replaces torch.multinomial(probs, 1) during CPU generation: frequencies match the
     (unnormalised) probabilities within 5 standard errors, including entries in different blocks, the last entry and
     a vocabulary that is not a multiple of the block; zero-probability entries are never drawn."""
-    from rlhf_magic.engine.generation import _MULTINOMIAL, categorical, fast_sampling
+    from rlhf_magic.engine.generation import _MULTINOMIAL, fast_sampling
+    from rlhf_magic.ops import categorical
 
     torch.manual_seed(0)
     width, draws = 1000, 40_000

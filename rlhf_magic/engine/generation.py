@@ -173,44 +173,21 @@ def skinny_linear(device: torch.device) -> Iterator[None]:
 
 
 _MULTINOMIAL = torch.multinomial
-_BLOCK = 256  # vocabulary entries per block in categorical()
-
-
-def categorical(probs: torch.Tensor) -> torch.Tensor:
-    """One index per row of `probs` [B, V] (non-negative, not necessarily normalised), drawn with probability
-    probs[b, i] / probs[b].sum(): the distribution of torch.multinomial(probs, 1), from B uniform numbers.
-
-    Inverse CDF in two levels: a block of _BLOCK entries by the cumulative sum of block totals, then an entry by
-    the cumulative sum inside that block, both in float64, so no entry's share is off by more than float32
-    rounding. A zero-probability entry is never drawn."""
-    rows, width = probs.shape
-    pad = (-width) % _BLOCK
-    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).reshape(rows, -1, _BLOCK)
-    totals = blocks.sum(-1, dtype=torch.float64)  # [B, blocks]
-    cum = totals.cumsum(-1)
-    if not bool(torch.isfinite(cum[:, -1]).all() & (cum[:, -1] > 0).all()):
-        raise ValueError("categorical: each row of probs needs a finite, positive sum")
-    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * cum[:, -1:]
-    k = torch.minimum(torch.searchsorted(cum, u, right=True), (cum < cum[:, -1:]).sum(-1, keepdim=True))
-    u = u - (cum.gather(1, k) - totals.gather(1, k))  # what is left to cover inside block k
-    inner = blocks[torch.arange(rows, device=probs.device), k[:, 0]].double().cumsum(-1)  # [B, _BLOCK]
-    j = torch.minimum(torch.searchsorted(inner, u, right=True), (inner < inner[:, -1:]).sum(-1, keepdim=True))
-    return k * _BLOCK + j
 
 
 def _fast_multinomial(probs: torch.Tensor, num_samples: int = 1, replacement: bool = False, **kw: Any) -> torch.Tensor:
-    if num_samples != 1 or kw or probs.dim() != 2 or probs.shape[1] < _BLOCK:
+    if num_samples != 1 or kw or probs.dim() != 2 or probs.shape[1] < ops.CATEGORICAL_BLOCK:
         return _MULTINOMIAL(probs, num_samples, replacement, **kw)
     try:
-        return categorical(probs)
+        return ops.categorical(probs)
     except ValueError:  # inf or nan: torch.multinomial's own error
         return _MULTINOMIAL(probs, num_samples, replacement)
 
 
 @contextmanager
 def fast_sampling(device: torch.device) -> Iterator[None]:
-    """On a CPU, generate's torch.multinomial(probs, 1) draws from the same distribution with categorical(): 0.5 ms
-    instead of 11 ms for 8 rows x 49k tokens (multinomial draws one exponential number per vocabulary entry),
+    """On a CPU, generate's torch.multinomial(probs, 1) draws from the same distribution with ops.categorical():
+    0.5 ms instead of 11 ms for 8 rows x 49k tokens (multinomial draws one exponential number per vocabulary entry),
     about 6% of a decode step."""
     if device.type != "cpu" or torch.multinomial is not _MULTINOMIAL:
         yield
