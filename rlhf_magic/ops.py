@@ -149,9 +149,14 @@ def logprobs_from_head(
     temperature: float = 1.0,
     entropy: bool = False,
     chunk: int = 2048,
+    low: torch.Tensor | None = None,
 ) -> HeadLogprobs:
     """log softmax((hidden @ weight.T + bias) / temperature)[tokens] (and, with entropy=True, the entropy of that
     distribution, without gradient) for float32 inputs, without ever forming the [..., V] logits.
+
+    `low`, a bf16 copy of a frozen `weight`, runs the two [N, V]-sized products (the logits under the logsumexp,
+    and softmax @ W in the backward pass) in bf16 with fp32 sums across chunks; the sampled token's own logit
+    stays in float32.
 
     The vocabulary is processed `chunk` rows of `weight` at a time (an online logsumexp), so the forward holds one
     [chunk, N] block instead of several [N, V] ones (37.7 MB each for 4 answers x 48 tokens x 49k vocab). For the
@@ -164,7 +169,9 @@ def logprobs_from_head(
     h, idx = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     keep = grad and h.shape[0] * weight.shape[0] * h.element_size() <= KEEP_LOGITS_BYTES
-    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, float(temperature), entropy, chunk, keep)
+    if low is not None and (weight.requires_grad or low.shape != weight.shape):
+        raise ValueError("logprobs_from_head: `low` must be a copy of a frozen weight")
+    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, float(temperature), entropy, chunk, keep, low)
     return HeadLogprobs(lp.view(shape), ent.view(shape) if entropy else None)
 
 
@@ -174,12 +181,12 @@ class _HeadLogprobs(torch.autograd.Function):
     chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, idx, temperature, want_entropy, chunk, keep):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, h, weight, bias, idx, temperature, want_entropy, chunk, keep, low):  # type: ignore[no-untyped-def, override]
         # m: running max of z = logits / T; s = sum exp(z - m); a = sum exp(z - m) * (z - m) (for the entropy)
         m = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
         s, a = torch.zeros_like(m), torch.zeros_like(m)
         kept = []
-        for c, z in _scaled_logit_chunks(h, weight, bias, temperature, chunk):
+        for c, z in _scaled_logit_chunks(h, low if low is not None else weight, bias, temperature, chunk):
             new = torch.maximum(m, z.amax(0))
             rescale, shift = torch.exp(m - new), torch.where(torch.isfinite(m), m - new, 0.0)
             if keep:
@@ -194,7 +201,7 @@ class _HeadLogprobs(torch.autograd.Function):
         chosen = (h * weight[idx]).sum(-1) + (0 if bias is None else bias[idx])
         ent = (s.log() - a / s) if want_entropy else lse.new_zeros(0)
         ctx.save_for_backward(h, weight, bias, idx, lse)
-        ctx.temperature, ctx.chunk, ctx.kept = temperature, chunk, kept or None
+        ctx.temperature, ctx.chunk, ctx.kept, ctx.low = temperature, chunk, kept or None, low
         ctx.mark_non_differentiable(ent)
         return chosen / temperature - lse, ent
 
@@ -207,11 +214,16 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_h_t = torch.zeros_like(h.t())  # [H, N]: W[c].T @ p is the faster product on a CPU
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
-        chunks = ctx.kept or _scaled_logit_chunks(h, weight, bias, ctx.temperature, ctx.chunk)
-        ctx.kept = None
+        low = ctx.low
+        product = low if low is not None else weight
+        chunks = ctx.kept or _scaled_logit_chunks(h, product, bias, ctx.temperature, ctx.chunk)
+        ctx.kept = ctx.low = None
         for c, z in chunks:
             p = z.sub_(lse).exp_().mul_(g)  # [C, N]: softmax * g
-            grad_h_t.addmm_(weight[c].t(), p, alpha=-1.0)
+            if low is None:
+                grad_h_t.addmm_(weight[c].t(), p, alpha=-1.0)
+            else:
+                grad_h_t.sub_(torch.mm(low[c].t(), p.to(low.dtype)))
             if grad_w is not None:
                 grad_w[c].addmm_(p, h, alpha=-1.0)
             if grad_b is not None:
@@ -221,15 +233,16 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_w.index_add_(0, idx, g[:, None] * h)
         if grad_b is not None:
             grad_b.index_add_(0, idx, g)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _scaled_logit_chunks(h, weight, bias, temperature, chunk):  # type: ignore[no-untyped-def]
-    """(slice, (weight[slice] @ h.T + bias[slice]) / T) for each chunk of the vocabulary: [C, N] blocks."""
-    h_t = h.t().contiguous()
+    """(slice, (weight[slice] @ h.T + bias[slice]) / T) for each chunk of the vocabulary: [C, N] float32 blocks
+    (the product in weight's dtype)."""
+    h_t = h.t().to(weight.dtype).contiguous()
     for start in range(0, weight.shape[0], chunk):
         c = slice(start, start + chunk)
-        z = torch.mm(weight[c], h_t)
+        z = torch.mm(weight[c], h_t).to(h.dtype)
         if bias is not None:
             z.add_(bias[c, None])
         yield c, z.mul_(1.0 / temperature)

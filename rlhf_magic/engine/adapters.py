@@ -18,6 +18,7 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import ConfigError
+from . import cpu_bf16
 from .models import LoadedModel
 
 _ids = itertools.count(1)
@@ -167,21 +168,35 @@ def merged_copy(lm: LoadedModel, name: Adapters) -> torch.nn.Module:
 
 def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's LoRA Linear forward without its per-call bookkeeping: base(x) + scaling * dropout(x) A^T B^T, the
-    adapter term added by one addmm (no separate product, scaled copy and sum of [N, out] each)."""
-    if args or kwargs or self.disable_adapters or self.merged or torch.is_autocast_enabled(x.device.type):
+    adapter term added by one addmm (no separate product, scaled copy and sum of [N, out] each). Under
+    cpu_bf16's kernels the base product is bf16 and the adapter term and the sum stay fp32."""
+    if args or kwargs or self.disable_adapters or self.merged or not _lean_applies(self, x):
         return _PEFT_FORWARD[0](self, x, *args, **kwargs)
     result = self.base_layer(x)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        for name in self.active_adapters:
+            a = self.lora_A._modules.get(name)
+            if a is None:
+                continue
+            b = self.lora_B[name]
+            flat = torch.mm(self.lora_dropout[name](x).reshape(-1, x.shape[-1]), a.weight.t())
+            base = result.reshape(-1, b.weight.shape[0]).to(flat.dtype)
+            result = torch.addmm(base, flat, b.weight.t(), alpha=self.scaling[name]).view(*result.shape[:-1], -1)
+    return result
+
+
+def _lean_applies(self: Any, x: torch.Tensor) -> bool:
+    """Plain LoRA in x's dtype (not DoRA and friends, lora_bias or casts: peft's own), and no autocast other
+    than cpu_bf16's."""
+    if torch.is_autocast_enabled(x.device.type) and not cpu_bf16.kernels_active():
+        return False
     for name in self.active_adapters:
         a = self.lora_A._modules.get(name)
-        if a is None:
-            continue
-        b = self.lora_B[name]
-        if name in self.lora_variant or b.bias is not None or x.dtype != a.weight.dtype:
-            return _PEFT_FORWARD[0](self, x, *args, **kwargs)  # DoRA and friends, lora_bias, casts: peft's own
-        flat = torch.mm(self.lora_dropout[name](x).reshape(-1, x.shape[-1]), a.weight.t())
-        out = torch.addmm(result.reshape(-1, b.weight.shape[0]), flat, b.weight.t(), alpha=self.scaling[name])
-        result = out.view(*result.shape)
-    return result
+        plain = a is None or (name not in self.lora_variant and self.lora_B[name].bias is None)
+        if not plain or (a is not None and x.dtype != a.weight.dtype):
+            return False
+    return True
 
 
 _PEFT_FORWARD: list[Any] = []

@@ -91,7 +91,9 @@ def sample(
     lm.model.eval()
     steps = _StepCapture(lm.model, temperature) if capture and temperature > 0 else None
     try:
-        ctx = autocast() if autocast else _null()
+        # on a CPU sampling runs in fp32 whatever the precision: a decode step is bound by reading the weights, and
+        # the native kernel and the captured logprobs are fp32 (the update recomputes logprobs under its precision)
+        ctx = autocast() if autocast and device.type != "cpu" else _null()
         with ctx, skinny_linear(device), fast_sampling(device), steps or _null():
             out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     finally:

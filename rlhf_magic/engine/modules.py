@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from . import cpu_bf16
 from .text import IGNORE
 
 
@@ -259,6 +260,10 @@ def head_logprobs(
     plain = trunk is not None and type(head) is nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
     if plain and not torch.is_autocast_enabled(hidden.device.type):
         return ops.logprobs_from_head(hidden, head.weight, head.bias, tokens, temperature, entropy)
+    if plain and cpu_bf16.kernels_active() and not head.weight.requires_grad:
+        low = cpu_bf16.frozen_copy(head.weight)
+        with torch.autocast("cpu", enabled=False):
+            return ops.logprobs_from_head(hidden, head.weight, head.bias, tokens, temperature, entropy, low=low)
     logits = head(hidden)
     ent = None
     if entropy:

@@ -131,6 +131,12 @@ class Runtime:
         if self.precision == "fp32" or self.device.type == "mps":
             yield
             return
+        if self.device.type == "cpu":  # bf16 (fp16 is refused on a CPU)
+            from .cpu_bf16 import autocast
+
+            with autocast():
+                yield
+            return
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         with torch.autocast(self.device.type, dtype=dtype):
             yield

@@ -1,0 +1,88 @@
+"""precision = 'bf16' on a CPU: kept bf16 copies of frozen weights, fp32 attention, a bf16 LM-head product, and a
+PPO run that still starts at zero KL and trains every adapter weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf_magic import api, ops
+from rlhf_magic.engine import cpu_bf16
+
+
+def test_frozen_linear_multiplies_in_bf16_with_a_kept_copy_that_follows_in_place_changes():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(5, 64)
+    exact = lin(x)
+    with cpu_bf16.autocast():
+        y = lin(x)
+        copy = cpu_bf16.frozen_copy(lin.weight)
+        assert cpu_bf16.frozen_copy(lin.weight) is copy  # made once, not per call
+        assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), exact, rtol=0.03, atol=0.03)
+        lin.weight.mul_(2.0)  # an in-place change (merging an adapter, say): a new copy
+        assert torch.allclose(lin(x).float(), exact * 2 - lin.bias, rtol=0.05, atol=0.05)
+    assert nn.Linear.forward is cpu_bf16._LINEAR  # torch's own again outside
+    trained = nn.Linear(64, 32)
+    with cpu_bf16.autocast():
+        trained(x).float().sum().backward()  # trainable weights: autocast's own cast, gradients in fp32
+    assert trained.weight.grad is not None and trained.weight.grad.dtype == torch.float32
+
+
+def test_attention_runs_in_fp32_under_the_kernels():
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    with cpu_bf16.autocast():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+    assert F.scaled_dot_product_attention is cpu_bf16._SDPA
+
+
+def test_bf16_head_product_stays_close_to_fp32_and_keeps_the_chosen_logit_exact():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(300, 16, generator=gen)  # frozen: no grad
+    tokens = torch.randint(0, 300, (3, 7), generator=gen)
+    exact = ops.logprobs_from_head(hidden, weight, None, tokens, 0.7, chunk=64)
+    (g_exact,) = torch.autograd.grad(exact.logprobs.sum(), hidden)
+    low = ops.logprobs_from_head(hidden, weight, None, tokens, 0.7, chunk=64, low=weight.bfloat16())
+    (g_low,) = torch.autograd.grad(low.logprobs.sum(), hidden)
+    assert (low.logprobs - exact.logprobs).abs().max() < 0.05
+    assert ((g_low - g_exact).norm() / g_exact.norm()) < 0.02
+    with pytest.raises(ValueError, match="frozen weight"):
+        ops.logprobs_from_head(hidden, weight.requires_grad_(True), None, tokens, low=weight.detach().bfloat16())
+
+
+def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(pairs):
+    sft = api.sft("bsft", model="tiny", data=pairs, max_steps=3, lr=3e-3, progress=False)
+    snap = {}
+
+    def grab(ev):
+        if ev.kind == "start":
+            snap["w"] = [p.detach().clone() for p in ev.payload["handle"].trainable_parameters()]
+
+    h = api.ppo(
+        "bppo",
+        policy=sft,
+        reward=lambda p, r: [len(x) / 10 for x in r],
+        prompts=[f"Say {i}" for i in range(8)],
+        steps=2,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,  # chunks: old logprobs from a separate bf16 forward, as on the embedded model
+        num_ppo_epochs=1,  # one optimizer step per rollout: its forward runs on the rollout's weights
+        max_new_tokens=6,
+        lr=1e-2,
+        precision="bf16",
+        progress=False,
+        callbacks=[grab],
+    )
+    assert h.runtime.precision == "bf16"
+    # policy and reference, and the old and the new logprobs, come from the same bf16 numerics (old logprobs
+    # taken while sampling, in fp32, give a KL of ~3e-5 and an approx-KL of ~1.5e-7 here)
+    assert abs(h.metrics["ppo/objective/kl"][0]) < 1e-5
+    assert max(h.metrics["ppo/policy/approxkl"]) < 1e-9
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(snap["w"], h.trainable_parameters()))
+    assert nn.Linear.forward is cpu_bf16._LINEAR and F.scaled_dot_product_attention is cpu_bf16._SDPA
