@@ -34,7 +34,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_ours(steps: int, lora: bool, layers: int | None = None, micro: int | None = None) -> dict:
+def run_ours(
+    steps: int, lora: bool, layers: int | None = None, micro: int | None = None, precision: str = "fp32"
+) -> dict:
     import torch
 
     from rlhf_magic import api
@@ -71,6 +73,7 @@ def run_ours(steps: int, lora: bool, layers: int | None = None, micro: int | Non
         temperature=0.7,
         lora={"r": 16, "alpha": 32, "layers": layers} if lora else False,
         micro_batch_size=micro,
+        precision=precision,
         lr=3e-6 if not lora else 1e-4,
         progress=False,
         callbacks=[clock],
@@ -81,6 +84,7 @@ def run_ours(steps: int, lora: bool, layers: int | None = None, micro: int | Non
         "lora": lora,
         "lora_layers": layers or "all",
         "micro_batch_size": micro or "auto",
+        "precision": precision,
         "steps": len(times),
         "step_times": times,
         "step_s": statistics.median(steady),
@@ -119,7 +123,7 @@ def ensure_side_venv() -> Path:
     return py
 
 
-def run_trl(steps: int, lora: bool) -> dict:
+def run_trl(steps: int, lora: bool, precision: str = "fp32") -> dict:
     from rlhf_magic.engine.models import embedded_checkpoint
 
     py = ensure_side_venv()
@@ -137,6 +141,8 @@ def run_trl(steps: int, lora: bool) -> dict:
         str(RESP),
         "--batch",
         str(BATCH),
+        "--precision",
+        precision,
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -146,6 +152,7 @@ def run_trl(steps: int, lora: bool) -> dict:
     return {
         "impl": "trl 1.12 PPOTrainer",
         "lora": lora,
+        "precision": precision,
         "steps": rec["steps"],
         "step_times": [r["wall_s"] for r in rec["per_step"]],
         "step_s": rec["step_s"]["median"],
@@ -157,10 +164,12 @@ def run_trl(steps: int, lora: bool) -> dict:
     }
 
 
-def child(kind: str, steps: int, lora: bool, layers: int | None = None, micro: int | None = None) -> dict:
+def child(
+    kind: str, steps: int, lora: bool, layers: int | None = None, micro: int | None = None, precision: str = "fp32"
+) -> dict:
     """Run one side in a fresh process (its own peak memory)."""
     cmd = [sys.executable, __file__, "--child", kind, "--steps", str(steps), "--lora", str(int(lora))]
-    cmd += ["--lora-layers", str(layers or 0), "--micro", str(micro or 0)]
+    cmd += ["--lora-layers", str(layers or 0), "--micro", str(micro or 0), "--precision", precision]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((x for x in out.stdout.splitlines() if x.startswith("CHILD ")), None)
     if line is None:
@@ -198,19 +207,25 @@ def main() -> None:
         help="ours only: adapt the top N layers (0: all, the same adapter as the TRL reference)",
     )
     ap.add_argument("--micro", type=int, default=0, help="ours only: micro_batch_size (0: the engine's default)")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="both sides: fp32, or bf16 autocast (ours: precision='bf16'; TRL: bf16=True)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="alternate ours and TRL this many times, pooling steps")
     ap.add_argument("--child", choices=["ours", "inference"])
     args = ap.parse_args()
     if args.child:
         layers, micro = args.lora_layers or None, args.micro or None
-        rec = run_ours(args.steps, bool(args.lora), layers, micro) if args.child == "ours" else run_inference()
+        rec = run_ours(args.steps, bool(args.lora), layers, micro, args.precision) if args.child == "ours" else run_inference()
         print("CHILD " + json.dumps(rec), flush=True)
         return
     inference = child("inference", 0, False)
     rounds = []
     for _ in range(args.rounds):  # alternate the two sides so that the machine's drift hits both alike
-        ours = child("ours", args.steps, bool(args.lora), args.lora_layers or None, args.micro or None)
-        trl = None if args.skip_trl else run_trl(args.trl_steps or args.steps, bool(args.lora))
+        ours = child("ours", args.steps, bool(args.lora), args.lora_layers or None, args.micro or None, args.precision)
+        trl = None if args.skip_trl else run_trl(args.trl_steps or args.steps, bool(args.lora), args.precision)
         rounds.append((ours, trl))
     ours = pooled([o for o, _ in rounds])
     result = {
@@ -220,6 +235,7 @@ def main() -> None:
         "num_ppo_epochs": EPOCHS,
         "threads": os.cpu_count(),
         "rounds": args.rounds,
+        "precision": args.precision,
         "ours": ours,
         "one_model_inference_rss_mib": inference["peak_rss_mib"],
         "memory_vs_inference": round(ours["peak_rss_mib"] / inference["peak_rss_mib"], 2),
