@@ -218,7 +218,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         layers, micro = args.lora_layers or None, args.micro or None
-        rec = run_ours(args.steps, bool(args.lora), layers, micro, args.precision) if args.child == "ours" else run_inference()
+        if args.child == "ours":
+            rec = run_ours(args.steps, bool(args.lora), layers, micro, args.precision)
+        else:
+            rec = run_inference()
         print("CHILD " + json.dumps(rec), flush=True)
         return
     inference = child("inference", 0, False)

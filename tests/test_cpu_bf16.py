@@ -86,3 +86,25 @@ def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(
     assert max(h.metrics["ppo/policy/approxkl"]) < 1e-9
     assert all(not torch.equal(a, b.detach()) for a, b in zip(snap["w"], h.trainable_parameters()))
     assert nn.Linear.forward is cpu_bf16._LINEAR and F.scaled_dot_product_attention is cpu_bf16._SDPA
+
+
+def test_sampling_with_bf16_weights_reads_bf16_copies_of_the_frozen_trunk_but_keeps_the_head_fp32():
+    from rlhf_magic.engine.generation import _BF16_SKIP, sample, skinny_linear
+    from rlhf_magic.engine.models import load_model
+    from rlhf_magic.engine.modules import trunk_and_head
+
+    lm = load_model("tiny", torch.device("cpu"))
+    lm.model.requires_grad_(False)
+    _, head = trunk_and_head(lm.model)
+    trunk_linear = next(m for m in lm.model.modules() if type(m) is nn.Linear and m is not head)
+    x = torch.randn(3, trunk_linear.in_features)
+    with torch.no_grad(), skinny_linear(torch.device("cpu"), head):
+        low, head_out = trunk_linear(x), head(torch.randn(2, head.in_features))
+    assert low.dtype == head_out.dtype == torch.float32
+    with torch.no_grad():
+        exact = trunk_linear(x)
+    assert 1e-4 < (low - exact).abs().max() < 0.05  # the bf16 product: close, not equal (fp32 paths: ~1e-7)
+    assert cpu_bf16._COPIES.get(head.weight) is None  # the LM head is never copied: logits stay fp32
+    out = sample(lm, ["hi", "there"], max_new_tokens=4, temperature=0.7, seed=0, bf16_weights=True)
+    assert out.responses.shape == (2, 4) and not _BF16_SKIP
+    assert cpu_bf16._COPIES.get(head.weight) is None and nn.Linear.forward is cpu_bf16._LINEAR

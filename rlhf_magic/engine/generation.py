@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
-from . import native
+from . import cpu_bf16, native
 from .adapters import lean_lora
 from .models import LoadedModel
 from .modules import trunk_and_head
@@ -60,12 +61,17 @@ def sample(
     min_new_tokens: int = 0,
     chat: bool = True,
     capture: bool = False,
+    bf16_weights: bool = False,
 ) -> Rollout:
     """Generate for every prompt (each repeated `num_return_sequences` times) in one batched call.
 
     capture=True also returns, from the decode steps themselves, the final hidden state that predicted each
     response token and that token's log-prob under the raw logits at `temperature` (what PPO's rollout needs;
-    None when the model post-processes its logits)."""
+    None when the model post-processes its logits).
+
+    bf16_weights=True (precision 'bf16' on a CPU): the trunk's frozen linear layers multiply by their kept bf16
+    copies (cpu_bf16.frozen_copy), which halves the bytes a decode step reads; activations, adapters and the LM
+    head stay fp32."""
     tok = lm.tokenizer
     rows = [r for r in encode_prompts(lm, prompts, chat=chat) for _ in range(num_return_sequences)]
     device = next(lm.model.parameters()).device
@@ -94,7 +100,8 @@ def sample(
         # on a CPU sampling runs in fp32 whatever the precision: a decode step is bound by reading the weights, and
         # the native kernel and the captured logprobs are fp32 (the update recomputes logprobs under its precision)
         ctx = autocast() if autocast and device.type != "cpu" else _null()
-        with ctx, skinny_linear(device), fast_sampling(device), steps or _null():
+        low = bf16_weights and device.type == "cpu"
+        with ctx, skinny_linear(device, low and trunk_and_head(lm.model)[1]), fast_sampling(device), steps or _null():
             out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     finally:
         lm.model.train(was_training)
@@ -140,7 +147,13 @@ _LINEAR_FORWARD = torch.nn.Linear.forward
 _SKINNY_ROWS = 256
 
 
+_BF16_SKIP: list[Any] = []  # while sampling with bf16_weights: [the LM head, which stays fp32]
+
+
 def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _BF16_SKIP and self is not _BF16_SKIP[0] and not self.weight.requires_grad and x.dtype == torch.float32:
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), cpu_bf16.frozen_copy(self.weight), bias).float()
     rows = x.numel() // self.in_features
     if rows > _SKINNY_ROWS or x.shape[-1] != self.in_features:
         return _LINEAR_FORWARD(self, x)
@@ -155,7 +168,7 @@ def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def skinny_linear(device: torch.device) -> Iterator[None]:
+def skinny_linear(device: torch.device, bf16_except: Any = None) -> Iterator[None]:
     """On a CPU, every nn.Linear computes its product for inputs of a few rows, as in a decode step, with the
     native kernel (engine/native.py) up to native.MAX_ROWS rows, else as (W @ x.T).T; and peft's LoRA layers skip
     their per-call bookkeeping.
@@ -167,11 +180,13 @@ def skinny_linear(device: torch.device) -> Iterator[None]:
         yield
         return
     torch.nn.Linear.forward = _skinny_forward  # type: ignore[method-assign]
+    _BF16_SKIP[:] = [bf16_except] if bf16_except else []
     try:
         with lean_lora():
             yield
     finally:
         torch.nn.Linear.forward = _LINEAR_FORWARD  # type: ignore[method-assign]
+        _BF16_SKIP.clear()
 
 
 _MULTINOMIAL = torch.multinomial

@@ -158,6 +158,7 @@ class PolicyHandle(Handle):
                 seed=seed,
                 autocast=self.runtime.autocast,
                 chat=self.chat,
+                bf16_weights=self.runtime.precision == "bf16",
             )
         texts = decode(self.lm, out.responses)
         return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]

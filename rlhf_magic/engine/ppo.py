@@ -315,6 +315,7 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     reference = pol.adapter
     value_head = _value_head(cfg.reward, lm, runtime)
     roles = R.Roles(lm, policy, reference, ref_lm, _scorer(cfg.reward, pol, lm, runtime), runtime.autocast)
+    roles.bf16_weights = runtime.precision == "bf16"
     rm = cfg.reward if isinstance(cfg.reward, RewardHandle) and cfg.reward.lm is lm else None
     roles.adapters = (*_as_list(policy), *(_as_list(reference) if ref_lm is lm else []), *_as_list(rm and rm.adapter))
     from ..ops import AdaptiveKLController, FixedKLController

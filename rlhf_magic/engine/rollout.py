@@ -35,6 +35,7 @@ class Roles:
     autocast: Any
     adapters: tuple[str, ...] = ()  # every adapter a role uses on lm (policy, reference, a same-base reward model)
     depth: int = 0  # bottom layers that no role adapts: computed once per rollout and shared (0: off)
+    bf16_weights: bool = False  # precision 'bf16' on a CPU: sampling reads the frozen weights' bf16 copies
 
 
 @dataclass
@@ -85,6 +86,7 @@ def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int, capture: boo
             seed=seed,
             autocast=roles.autocast,
             capture=capture,
+            bf16_weights=roles.bf16_weights,
         )
     responses, mask, has_eos = ops.truncate_after_eos(out.responses, tok.eos_token_id, tok.pad_token_id)
     ids = torch.cat([out.queries, responses], 1)
