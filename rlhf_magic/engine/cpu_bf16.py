@@ -45,12 +45,17 @@ def frozen_copy(weight: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) as a bf16 product with the kept copy of its frozen weight (a bf16 result)."""
+    bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+    return F.linear(x.to(torch.bfloat16), frozen_copy(layer.weight), bias)
+
+
 def _linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     if w.requires_grad or w.dtype != torch.float32 or w.device.type != "cpu" or not _active():
         return _LINEAR(self, x)
-    bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-    return F.linear(x.to(torch.bfloat16), frozen_copy(w), bias)
+    return linear(self, x)
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from . import cpu_bf16, native
@@ -97,8 +96,8 @@ def sample(
     lm.model.eval()
     steps = _StepCapture(lm.model, temperature) if capture and temperature > 0 else None
     try:
-        # on a CPU sampling runs in fp32 whatever the precision: a decode step is bound by reading the weights, and
-        # the native kernel and the captured logprobs are fp32 (the update recomputes logprobs under its precision)
+        # no autocast on a CPU: activations, adapters and the LM head stay fp32 (the native kernel and the captured
+        # logprobs are fp32); with bf16_weights the frozen trunk layers read their bf16 copies instead
         ctx = autocast() if autocast and device.type != "cpu" else _null()
         low = bf16_weights and device.type == "cpu"
         with ctx, skinny_linear(device, low and trunk_and_head(lm.model)[1]), fast_sampling(device), steps or _null():
@@ -152,8 +151,7 @@ _BF16_SKIP: list[Any] = []  # while sampling with bf16_weights: [the LM head, wh
 
 def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if _BF16_SKIP and self is not _BF16_SKIP[0] and not self.weight.requires_grad and x.dtype == torch.float32:
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), cpu_bf16.frozen_copy(self.weight), bias).float()
+        return cpu_bf16.linear(self, x).float()
     rows = x.numel() // self.in_features
     if rows > _SKINNY_ROWS or x.shape[-1] != self.in_features:
         return _LINEAR_FORWARD(self, x)
