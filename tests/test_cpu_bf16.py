@@ -3,6 +3,8 @@ PPO run that still starts at zero KL and trains every adapter weight."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,9 +57,23 @@ def test_bf16_head_product_stays_close_to_fp32_and_keeps_the_chosen_logit_exact(
         ops.logprobs_from_head(hidden, weight.requires_grad_(True), None, tokens, low=weight.detach().bfloat16())
 
 
-def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(pairs):
+def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(pairs, monkeypatch):
     sft = api.sft("bsft", model="tiny", data=pairs, max_steps=3, lr=3e-3, progress=False)
-    snap = {}
+    snap: dict = {"packed": 0}
+    monkeypatch.setattr(cpu_bf16, "SAVED_MIN_NUMEL", 1)  # the tiny model's activations are small: pack them all
+    packer = cpu_bf16.bf16_packer
+
+    def counting_packer():
+        pack, unpack = packer()
+
+        def counted(t):
+            out = pack(t)
+            snap["packed"] += out is not t
+            return out
+
+        return counted, unpack
+
+    monkeypatch.setattr(cpu_bf16, "bf16_packer", counting_packer)
 
     def grab(ev):
         if ev.kind == "start":
@@ -84,6 +100,7 @@ def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(
     # taken while sampling, in fp32, give a KL of ~3e-5 and an approx-KL of ~1.5e-7 here)
     assert abs(h.metrics["ppo/objective/kl"][0]) < 1e-5
     assert max(h.metrics["ppo/policy/approxkl"]) < 1e-9
+    assert snap["packed"] > 100  # the update's backward read bf16 activations
     assert all(not torch.equal(a, b.detach()) for a, b in zip(snap["w"], h.trainable_parameters()))
     assert nn.Linear.forward is cpu_bf16._LINEAR and F.scaled_dot_product_attention is cpu_bf16._SDPA
 
@@ -108,3 +125,32 @@ def test_sampling_with_bf16_weights_reads_bf16_copies_of_the_frozen_trunk_but_ke
     out = sample(lm, ["hi", "there"], max_new_tokens=4, temperature=0.7, seed=0, bf16_weights=True)
     assert out.responses.shape == (2, 4) and not _BF16_SKIP
     assert cpu_bf16._COPIES.get(head.weight) is None and nn.Linear.forward is cpu_bf16._LINEAR
+
+
+def test_saved_activations_are_packed_once_in_bf16_and_gradients_stay_close():
+    pack, unpack = cpu_bf16.bf16_packer()
+    w = nn.Parameter(torch.randn(256, 512))
+    act = (w * 2).t()  # an activation: fp32, has a grad_fn, 2**17 elements
+    small, mask = (w * 2)[:4], torch.zeros(256, 512)
+    first = pack(act)
+    assert pack(act) is first and unpack(first).dtype == torch.float32  # a tensor saved twice is packed once
+    assert torch.allclose(unpack(first), act, rtol=0.01) and not torch.equal(unpack(first), act)
+    assert all(pack(t) is t for t in (w, small, mask))  # parameters, small tensors, tensors without gradients
+
+    torch.manual_seed(0)
+    first_layer, frozen = nn.Linear(64, 512), nn.Linear(512, 512).requires_grad_(False)
+    x = torch.randn(512, 64)
+
+    def grads(packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        first_layer.zero_grad()
+        h = first_layer(x)  # fp32 values that bf16 cannot hold exactly
+        with cpu_bf16.autocast(), cpu_bf16.saved_activations() if packed else contextlib.nullcontext():
+            s = F.silu(h)
+            out = (frozen(s).float() * s).sum()
+        out.backward()
+        return out.detach(), first_layer.weight.grad.clone()
+
+    (y0, g0), (y1, g1) = grads(False), grads(True)
+    assert torch.equal(y0, y1)  # forward values are untouched
+    assert not torch.equal(g0, g1) and (g1 - g0).norm() / g0.norm() < 0.02  # backward read bf16 activations
+    assert isinstance(cpu_bf16.saved_activations(), contextlib.nullcontext)  # outside kernels(): nothing

@@ -243,7 +243,7 @@ def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, sta
     rows: dict[str, float] = {}
     for chunk in idx.split(micro):
         release_free_memory(acc.device)  # the last chunk's activations: back to the OS before the next forward
-        with acc.autocast():
+        with acc.autocast(), cpu_bf16.saved_activations():
             lp, v, ent = R.policy_forward(module, _rows(ro, chunk), cfg.temperature, entropy=entropy)
         if first:
             ro.logprobs, ro.values = lp.detach(), v.detach().float()
