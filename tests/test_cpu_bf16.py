@@ -1,5 +1,5 @@
-"""precision = 'bf16' on a CPU: kept bf16 copies of frozen weights, fp32 attention, a bf16 LM-head product, and a
-PPO run that still starts at zero KL and trains every adapter weight."""
+"""precision = 'bf16' on a CPU: kept bf16 copies of frozen weights, fp32 attention, a bf16 LM-head product, saved
+activations kept in bf16, and a PPO run that still starts at zero KL and trains every adapter weight."""
 
 from __future__ import annotations
 
