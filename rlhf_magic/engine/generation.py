@@ -12,9 +12,12 @@ import torch
 from .. import ops
 from . import cpu_bf16, native
 from .adapters import lean_lora
+from .decode import lean_sample, supports
 from .models import LoadedModel
 from .modules import trunk_and_head
 from .text import encode, format_prompt
+
+LEAN_DECODE = True  # on a CPU, Llama-family models sample with decode.lean_sample instead of generate()
 
 
 @dataclass
@@ -101,13 +104,28 @@ def sample(
         ctx = autocast() if autocast and device.type != "cpu" else _null()
         low = bf16_weights and device.type == "cpu"
         with ctx, skinny_linear(device, low and trunk_and_head(lm.model)[1]), fast_sampling(device), steps or _null():
-            out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            if LEAN_DECODE and device.type == "cpu" and top_p >= 1.0 and supports(lm.model):
+                responses = lean_sample(lm.model, ids, mask, **_lean_settings(gen), use_native=not low)
+            else:
+                out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+                responses = out[:, ids.shape[1] :]
     finally:
         lm.model.train(was_training)
-    result = Rollout(ids, mask, out[:, ids.shape[1] :])
+    result = Rollout(ids, mask, responses)
     if steps is not None:
         result.hidden, result.logprobs = steps.collect(result.responses)
     return result
+
+
+def _lean_settings(gen: Any) -> dict[str, Any]:
+    """The part of generate()'s config that decode.lean_sample takes (no top-p: generate() keeps that)."""
+    return {
+        "max_new_tokens": gen.max_new_tokens,
+        "min_new_tokens": gen.min_new_tokens or 0,
+        "temperature": gen.temperature if gen.do_sample else 0.0,
+        "eos_token_id": gen.eos_token_id,
+        "pad_token_id": gen.pad_token_id,
+    }
 
 
 class _StepCapture:
