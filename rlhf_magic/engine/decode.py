@@ -5,12 +5,14 @@ arguments, a mask built every step, a KV cache that grows by concatenation, stop
 processors. Here the same layers run from one loop:
 
 - the rotary embedding of every position is computed once, and the KV cache is preallocated and written in place;
-- each linear layer runs its own `forward` (the CPU decode kernels and the lean LoRA path of generation.py and
-  adapters.py), the norms, rotary product and attention are transformers' own functions, in the same order;
+- a linear layer with a few rows is one native call (native.lora_linear: the product, plus the active LoRA
+  adapters' term in the same accumulators); with more rows (the prompt) or precision 'bf16' it runs its own
+  `forward`; the norms, rotary product and attention are transformers' own functions, in the same order;
 - sampling is generate()'s: EOS masked while below `min_new_tokens`, logits / temperature, softmax, one draw per
   row from `torch.multinomial` (what fast_sampling patches), PAD after a row's EOS, stop when every row has ended.
 
-So the tokens are the ones generate() would sample from the same seed (tests/test_decode.py checks it). Models
+So the tokens are the ones generate() would sample from the same seed, and the log-probs agree to float rounding
+(tests/test_decode.py checks both). Models
 that are not plain Llamas (other layouts, module hooks, another attention implementation) keep generate()."""
 
 from __future__ import annotations
