@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,13 +144,7 @@ def lora_linear(
 @functools.lru_cache(maxsize=1)
 def skinny_kernel() -> Callable[..., None] | None:
     """The compiled kernel (built on first use, then loaded from the cache), or None where it is unavailable."""
-    lib = _library()
-    if lib is None:
-        return None
-    fn = lib["skinny"]
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-    fn.restype = None
-    return fn if _agrees(fn) else None
+    return _load("skinny", [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3, _agrees)
 
 
 def lora_kernel() -> Callable[..., None] | None:
@@ -159,13 +154,19 @@ def lora_kernel() -> Callable[..., None] | None:
 
 @functools.lru_cache(maxsize=1)
 def _lora_kernel() -> Callable[..., None] | None:
+    pointers, sizes = [ctypes.c_void_p] * 4, [ctypes.c_long] * 3
+    return _load("skinny_lora", pointers + sizes + [ctypes.c_void_p] * 3 + [ctypes.c_long], _lora_agrees)
+
+
+def _load(name: str, argtypes: list[Any], agrees: Callable[[Callable[..., None]], bool]) -> Callable[..., None] | None:
+    """Function `name` of the compiled library, if the library loads and the function passes its check product."""
     lib = _library()
     if lib is None:
         return None
-    fn = lib["skinny_lora"]
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+    fn = lib[name]
+    fn.argtypes = argtypes
     fn.restype = None
-    return fn if _lora_agrees(fn) else None
+    return fn if agrees(fn) else None
 
 
 def _library() -> ctypes.CDLL | None:
