@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -414,3 +415,18 @@ def test_ppo_on_packed_rows_makes_the_same_update(sft, monkeypatch):
     trained.append(_seeded_run("padded", sft, steps=2, micro_batch_size=4)[1])
     assert packed and not any(packed) and limit > 0
     _assert_same(*trained)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU memory pool needs g++")
+def test_ppo_in_the_cpu_memory_pool_makes_the_same_update(sft, monkeypatch):
+    """Every tensor of the update through the pool (any size): reused blocks must not change a single weight."""
+    from rlhf_magic.engine import cpu_pool
+
+    trained, hits = [], []
+    for pool in (True, False):
+        monkeypatch.setattr(cpu_pool, "POOL_MIN_BYTES", 0 if pool else 1 << 62)
+        trained.append(_seeded_run(f"pool{pool}", sft, steps=2, micro_batch_size=2)[1])
+        hits.append(cpu_pool.stats()["hits"])
+    assert hits[0] > 1000 and hits[1] == 0
+    for a, b in zip(*trained):
+        assert torch.equal(a, b)

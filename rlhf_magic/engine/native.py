@@ -24,7 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,23 +190,32 @@ def _cpu_supported() -> bool:
 
 
 def _build() -> Path:
-    from .models import cache_dir
-
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler")
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc).encode()).hexdigest()[:16]
+    return build_library("skinny", SOURCE, [cc, *FLAGS], "c")
+
+
+def build_library(
+    name: str, source: str, command: list[str], suffix: str, libs: Sequence[str] = (), key: str = ""
+) -> Path:
+    """Compile `source` with `command` (compiler and flags; then the source, the output and `libs`, which must
+    follow the source for linkers that drop unneeded libraries) into the cache folder once, keyed by the source,
+    the command, `libs` and `key`; later calls return the cached library."""
+    from .models import cache_dir
+
+    digest = hashlib.sha256((source + " ".join([*command, *libs]) + key).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
-    out = folder / f"skinny-{digest}.so"
+    out = folder / f"{name}-{digest}.so"
     if out.exists():
         return out
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, lib = Path(tmp) / "skinny.c", Path(tmp) / "skinny.so"
-        src.write_text(SOURCE)
-        done = subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=60)
+        src, lib = Path(tmp) / f"{name}.{suffix}", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        done = subprocess.run([*command, str(src), "-o", str(lib), *libs], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:200]}")
+            raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()[:200]}")
         os.replace(lib, out)  # atomic: another process never loads a half-written library
     return out
 

@@ -23,7 +23,7 @@ from .. import ops
 from ..config import PPOConfig
 from ..errors import ConfigError
 from ..events import Callback, Emitter, StopControl
-from . import cpu_bf16
+from . import cpu_bf16, cpu_pool
 from . import rollout as R
 from .adapters import adapter_parameters, add_adapter, lean_lora, train_only, use_adapter
 from .data import read_prompts
@@ -162,7 +162,8 @@ def ppo_step(
         emit("warning", state.step, payload=stop.reason)
         return None
     module.train()
-    with cpu_bf16.kernels_for(acc):  # the prepared module's forward runs under accelerate's autocast
+    # the prepared module's forward runs under accelerate's autocast; the chunks reuse each other's memory
+    with cpu_bf16.kernels_for(acc), cpu_pool.pooled(acc.device):
         stats = update(module, optimizer, acc, ro, cfg, state.kl_ctl.value, state.trained, share)
     kl_coef = state.kl_ctl.value
     state.kl_ctl.update(float((ro.kl.sum(1)).mean()), len(prompts))

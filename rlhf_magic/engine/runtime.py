@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
+from . import cpu_pool
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -68,7 +69,7 @@ def release_free_memory(device: Any) -> None:
     CPU tensors come from malloc, and glibc keeps freed blocks in its heap; between the micro-batches of a training
     step the freed activations leave holes that the next forward pass only partly reuses, so the process grows by
     far more than its live tensors. Trimming between micro-batches keeps peak RSS near what is actually live."""
-    if getattr(device, "type", str(device)) != "cpu":
+    if getattr(device, "type", str(device)) != "cpu" or cpu_pool.active():  # the pool keeps its blocks for reuse
         return
     trim = _malloc_trim()
     if trim is not None:
