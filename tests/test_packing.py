@@ -27,8 +27,13 @@ def batch(pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa-repeat-kv", "eager"])
 def test_packed_rows_give_the_states_and_gradients_of_the_padded_batch(side, attn, monkeypatch):
+    """sdpa: grouped keys and values go in as they are (the tiny model has 2 for 4 heads); sdpa-repeat-kv:
+    transformers' path, which repeats them per head."""
+    if attn == "sdpa-repeat-kv":
+        monkeypatch.setattr(M, "_SDPA_GQA", False)
+        attn = "sdpa"
     model, tok = tiny_model()
     model.config._attn_implementation = attn
     model.train()
@@ -69,3 +74,35 @@ def test_rows_are_packed_only_where_it_saves_tokens():
     assert packed is not None and packed.tokens.shape[1] == 720 - 12 - 3 * (150 + SHARED)
     model.config.model_type = "gemma"  # only layer stacks known to take a block mask and free positions
     assert M.pack_rows(model, ids, mask) is None
+
+
+def test_lean_mlp_keeps_less_for_backward_with_the_same_values_and_gradients():
+    model, tok = tiny_model()
+    model.train()
+    ids, mask = batch(tok.pad_token_id, "left")
+    params = list(model.parameters())
+
+    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            states = M.hidden_states(model, ids, mask)
+        grads = torch.autograd.grad((states * states.detach().cos()).sum(), params)
+        return states, grads, sum(kept.values())
+
+    states, grads, kept = run()
+    with M.lean_mlp():
+        lean_states, lean_grads, lean_kept = run()
+        with M.lean_mlp():  # re-entrant
+            pass
+        assert M._MLP_FORWARD
+    assert not M._MLP_FORWARD
+    assert torch.equal(states, lean_states)
+    for g, lean in zip(grads, lean_grads):
+        assert torch.equal(g, lean)
+    tokens, intermediate = int(mask.sum()) - 3 * SHARED, model.config.intermediate_size
+    assert kept - lean_kept == 2 * tokens * intermediate * 4  # one [tokens, intermediate] float tensor per layer

@@ -365,10 +365,11 @@ def test_default_micro_batch_holds_a_token_budget_and_grows_when_only_the_top_la
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cfg = PPOConfig(policy="p", reward=len, prompts=["x"], mini_batch_size=8)
-    assert CPU_CHUNK_TOKENS // 89 == 4
-    assert micro_batch_size(cfg, cpu, 1.0, 89) == 4  # 40 prompt + 48 answer tokens through every layer
-    assert micro_batch_size(cfg, cpu, 1.0, 300) == 1  # long rows: one at a time
-    assert micro_batch_size(cfg, cpu, 8 / 30, 89) == 16  # lora.layers = 8 of 30: about the same memory
+    assert CPU_CHUNK_TOKENS // 89 == 8
+    assert micro_batch_size(cfg, cpu, 1.0, 89) == 8  # 41 prompt + 48 answer tokens through every layer
+    assert micro_batch_size(cfg, cpu, 1.0, 300) == 2  # long rows: two at a time
+    assert micro_batch_size(cfg, cpu, 1.0, 3000) == 1
+    assert micro_batch_size(cfg, cpu, 8 / 30, 89) == 32  # lora.layers = 8 of 30: about the same memory
     assert micro_batch_size(cfg, gpu, 1.0, 89) == 8
     assert micro_batch_size(PPOConfig(policy="p", reward=len, prompts=["x"], micro_batch_size=3), cpu, 0.1, 89) == 3
 

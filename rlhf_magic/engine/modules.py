@@ -106,7 +106,9 @@ _PACKED: list[PackedRows] = []  # the packed batch whose forward pass is running
 
 
 def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):  # type: ignore[no-untyped-def]
-    """Attention of packed rows ([1, heads, N, d] in, [1, N, heads, d] out), computed on the padded rows."""
+    """Attention of packed rows ([1, heads, N, d] in, [1, N, heads, d] out), computed on the padded rows. With sdpa,
+    grouped keys and values go in as they are (enable_gqa) instead of repeated per query head: the same outputs,
+    and backward keeps 3 instead of 9 heads of keys and values for SmolLM2 (30 MiB less per 4 answers)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -116,9 +118,23 @@ def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, h, N, d] -> [B, h, T, d]
         return x[0].index_select(1, flat).unflatten(1, (count, width)).transpose(0, 1)
 
-    inner = ALL_ATTENTION_FUNCTIONS.get_interface(rows.inner, eager_attention_forward)
-    out, _ = inner(module, unpack(query), unpack(key), unpack(value), mask, **kw)  # [B, T, h, d]
+    if rows.inner == "sdpa" and _SDPA_GQA and not kw.get("output_attentions"):
+        out = F.scaled_dot_product_attention(
+            unpack(query),
+            unpack(key),
+            unpack(value),
+            attn_mask=mask,
+            dropout_p=kw.get("dropout", 0.0),
+            scale=kw.get("scaling"),
+            enable_gqa=key.shape[1] != query.shape[1],
+        ).transpose(1, 2)  # [B, T, h, d]
+    else:
+        inner = ALL_ATTENTION_FUNCTIONS.get_interface(rows.inner, eager_attention_forward)
+        out, _ = inner(module, unpack(query), unpack(key), unpack(value), mask, **kw)  # [B, T, h, d]
     return out.flatten(0, 1).index_select(0, rows.back)[None], None
+
+
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in torch 2.5
 
 
 def shared_prompt_size(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -205,6 +221,55 @@ def _only_layers(trunk: Any, start: int, stop: int | None, norm: bool = True) ->
         yield
     finally:
         trunk.layers, trunk.norm = layers, final_norm
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up that keeps only gate and up for backward, where autograd keeps silu(gate) as well (one more
+    [tokens, intermediate] tensor per layer: 48 MiB per 4 answers of SmolLM2-135M). Backward recomputes silu(gate)
+    and then runs autograd's own ops, so the gradients are the same bit for bit."""
+
+    @staticmethod
+    def forward(ctx, gate, up):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
+
+
+_MLP_FORWARD: list[Any] = []  # transformers' LlamaMLP.forward while lean_mlp() is active
+
+
+def _lean_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    from transformers.activations import SiLUActivation
+
+    if type(self.act_fn) not in (SiLUActivation, nn.SiLU) or not torch.is_grad_enabled():
+        return _MLP_FORWARD[0](self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.requires_grad or up.requires_grad:
+        return self.down_proj(_SiluMul.apply(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+@contextmanager
+def lean_mlp() -> Iterator[None]:
+    """Inside, transformers' LlamaMLP keeps less for backward (_SiluMul): the same values and gradients, ~12% less
+    activation memory in training. Re-entrant; transformers' forward is always restored."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    if _MLP_FORWARD:  # already inside one
+        yield
+        return
+    _MLP_FORWARD.append(LlamaMLP.forward)
+    LlamaMLP.forward = _lean_mlp_forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LlamaMLP.forward = _MLP_FORWARD.pop()  # type: ignore[method-assign]
 
 
 class TokenLoss(nn.Module):
