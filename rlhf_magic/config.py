@@ -101,7 +101,7 @@ class PPOConfig:
     mini_batch_size: int = setting(8, "rollouts per gradient step inside an update epoch")
     micro_batch_size: int | None = setting(
         None,
-        "answers per forward/backward chunk (same update, less memory; default: all on a GPU, ~384 tokens' worth "
+        "answers per forward/backward chunk (same update, less memory; default: all on a GPU, ~768 tokens' worth "
         "on a CPU, more with lora.layers)",
     )
     num_ppo_epochs: int = setting(4, "passes over each rollout batch")
