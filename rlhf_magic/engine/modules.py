@@ -241,13 +241,11 @@ class _SiluMul(torch.autograd.Function):
         return d_gate, d_up
 
 
-_MLP_FORWARD: list[Any] = []  # transformers' LlamaMLP.forward while lean_mlp() is active
+_MLP_FORWARD: list[Any] = []  # while lean_mlp() is active: [LlamaMLP.forward, the SiLU activation types]
 
 
 def _lean_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    from transformers.activations import SiLUActivation
-
-    if type(self.act_fn) not in (SiLUActivation, nn.SiLU) or not torch.is_grad_enabled():
+    if type(self.act_fn) not in _MLP_FORWARD[1] or not torch.is_grad_enabled():
         return _MLP_FORWARD[0](self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     if gate.requires_grad or up.requires_grad:
@@ -259,17 +257,19 @@ def _lean_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 def lean_mlp() -> Iterator[None]:
     """Inside, transformers' LlamaMLP keeps less for backward (_SiluMul): the same values and gradients, ~12% less
     activation memory in training. Re-entrant; transformers' forward is always restored."""
+    from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     if _MLP_FORWARD:  # already inside one
         yield
         return
-    _MLP_FORWARD.append(LlamaMLP.forward)
+    _MLP_FORWARD[:] = [LlamaMLP.forward, (SiLUActivation, nn.SiLU)]
     LlamaMLP.forward = _lean_mlp_forward  # type: ignore[method-assign]
     try:
         yield
     finally:
-        LlamaMLP.forward = _MLP_FORWARD.pop()  # type: ignore[method-assign]
+        LlamaMLP.forward = _MLP_FORWARD[0]  # type: ignore[method-assign]
+        _MLP_FORWARD.clear()
 
 
 class TokenLoss(nn.Module):
