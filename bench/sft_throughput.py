@@ -40,7 +40,7 @@ def baseline(lm, data, steps: int, batch: int, lora: bool) -> list[float]:
     """The loop a careful person writes by hand: peft LoRA, HF loss with labels, fused AdamW."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf_magic.engine.data import sft_chats
+    from rlhf_magic.data import sft_chats
     from rlhf_magic.engine.sft import collate
     from rlhf_magic.engine.text import encode_chat
 

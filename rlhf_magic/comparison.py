@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .engine.data import read_prompts
+from .data import read_prompts
 from .errors import ConfigError, DataError
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile

@@ -175,7 +175,7 @@ class Preferences:
     @classmethod
     def from_records(cls, records: Any, *, allow_empty: bool = False, source: str | None = None) -> Preferences:
         """Ranking records, retractions and/or prompt/chosen/rejected pairs (list, DataFrame, Dataset)."""
-        from .engine.data import read_records
+        from .data import read_records
 
         if isinstance(records, Preferences):
             return cls(records.records, records.source)
@@ -194,7 +194,7 @@ class Preferences:
         if path.suffix.lower() == ".jsonl":
             entries = read_jsonl(path)  # line numbers in errors; torn lines skipped
         else:
-            from .engine.data import read_records
+            from .data import read_records
 
             entries = [(f"{path.name}, record {i}", r) for i, r in enumerate(read_records(path, "preferences"))]
         prefs = cls(apply_log(entries), str(path))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf_magic.engine.data import read_prompts, sft_chats
+from rlhf_magic.data import read_prompts, sft_chats
 from rlhf_magic.engine.text import IGNORE, encode, encode_chat, format_prompt
 from rlhf_magic.engine.tiny import tiny_tokenizer
 from rlhf_magic.errors import DataError

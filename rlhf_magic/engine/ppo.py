@@ -26,7 +26,7 @@ from ..events import Callback, Emitter, StopControl
 from . import cpu_bf16, cpu_pool
 from . import rollout as R
 from .adapters import adapter_parameters, add_adapter, lean_lora, train_only, use_adapter
-from .data import read_prompts
+from ..data import read_prompts
 from .generation import encode_prompts
 from .handles import PolicyHandle
 from .loop import make_optimizer

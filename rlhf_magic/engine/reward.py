@@ -128,7 +128,7 @@ def check_config(cfg: RewardConfig) -> None:
 def to_preferences(data: Any) -> Any:
     """Preferences, a RankingPanel, records (rankings or pairs), a Dataset, a DataFrame or a path -> Preferences."""
     from ..preferences import Preferences
-    from .data import read_records
+    from ..data import read_records
 
     if hasattr(type(data), "preferences"):  # a RankingPanel hands over what was labelled
         data = data.preferences

@@ -15,7 +15,7 @@ from ..config import SFTConfig
 from ..errors import DataError
 from ..events import Callback, Emitter, StopControl
 from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
-from .data import sft_chats
+from ..data import sft_chats
 from .handles import PolicyHandle
 from .loop import TrainState, run_steps
 from .models import LoadedModel

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..comparison import Comparison, compare, comparison_html
-from ..engine.data import read_prompts
+from ..data import read_prompts
 from ..errors import ConfigError, DataError, RLHFError, did_you_mean
 from ..preferences import parse_ranking
 

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..engine.data import read_prompts
+from ..data import read_prompts
 from ..errors import ConfigError, DataError, RLHFError, did_you_mean
 from ..preferences import RANKING, Preferences, format_ranking, parse_ranking
 from .ranking_cards import Cards, describe

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from .errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 SFT_FORMATS = "prompt/response (or prompt/completion), chat `messages`, or instruction/input/output"
