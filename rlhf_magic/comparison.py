@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .config import CompareConfig, build_config
 from .data import read_prompts
 from .errors import ConfigError, DataError
 
@@ -93,6 +94,7 @@ class Comparison:
         answers_b: Sequence[str],
         scores_a: Sequence[float] | None = None,
         scores_b: Sequence[float] | None = None,
+        *,
         names: tuple[str, str] = ("A", "B"),
         reward: str | None = None,
     ):
@@ -238,10 +240,11 @@ def compare(
     for side, policy in (("A", a), ("B", b)):
         check_policy(policy, side)
     prompts = read_prompts(prompts)
-    check_sampling(max_new_tokens, temperature, seed)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    cfg = build_config(CompareConfig, sampling)  # the same checks as %compare's options
+    sampling = {key: getattr(cfg, key) for key in sampling}
     score = reward_function(reward)
     names = (name_of(a, "A"), name_of(b, "B"))
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     answers = [_generate(p, prompts, sampling, n) for p, n in ((a, names[0]), (b, names[1]))]
     scores = [_score(score, prompts, ans, n) for ans, n in zip(answers, names)] if score else [None, None]
     rname = None if score is None else name_of(reward, "reward")
@@ -253,15 +256,6 @@ def check_policy(policy: Any, side: str) -> None:
         raise ConfigError(
             f"policy {side} = {_short(policy)} is not a policy (no .generate); pass an %%sft/%%ppo result"
         )
-
-
-def check_sampling(max_new_tokens: Any, temperature: Any, seed: Any) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens = {max_new_tokens!r}: use a positive integer")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ConfigError(f"temperature = {temperature!r}: use a number >= 0 (0 is greedy)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"seed = {seed!r}: use an integer or None")
 
 
 def reward_function(reward: Any) -> Callable[[list[str], list[str]], Any] | None:

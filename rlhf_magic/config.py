@@ -18,7 +18,11 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def setting(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help line (used by `%%sft?`, the CLI and error messages)."""
+    """A dataclass field with a help line (used by `%%sft?`, the CLI and error messages).
+
+    `check=(predicate, text)` adds a range check that `build_config` runs on the typed value; a failure reads
+    "key = value: text".
+    """
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: default, metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -63,6 +67,9 @@ class SFTConfig:
     output_dir: str | None = setting(None, "also save the final model to this folder")
     device: Device | None = setting(None, "override the device: 'cuda', 'mps' or 'cpu' (default: best found)")
     precision: Precision | None = setting(None, "override precision: 'bf16', 'fp16', 'fp32' (default: bf16 on GPU)")
+    fast_path: bool = setting(
+        True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
+    )
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ class RewardConfig:
     output_dir: str | None = setting(None, "also save the reward model to this folder")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
+    fast_path: bool = setting(
+        True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,9 +136,82 @@ class PPOConfig:
     output_dir: str | None = setting(None, "also save the final policy to this folder")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
+    fast_path: bool = setting(
+        True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
+    )
 
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+
+
+# ------------------------------------------------------------------------------------------- panels
+PROMPTS_HELP = "required: prompt strings, records with a `prompt` field, a Dataset, or a .jsonl/.json/.csv/.txt path"
+_POSITIVE = (lambda v: v >= 1, "use a positive integer")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """The ranking panel, bound to NAME: a person orders K answers per prompt (its `.preferences` feed %%reward)."""
+
+    prompts: Any = setting(None, PROMPTS_HELP)
+    policy: Any = setting(None, "the %%sft result (or its session name) that samples the answers")
+    responses: Any = setting(None, "answers to rank instead of sampling: one list per prompt, or {prompt: answers}")
+    k: int | None = setting(
+        None,
+        "answers per prompt, 2 to 9 (None: 4 when sampling, as many as given with responses)",
+        check=(lambda v: v is None or 2 <= v <= 9, "the number of answers per prompt must be an integer from 2 to 9"),
+    )
+    file: Any = setting("preferences.jsonl", "the .jsonl file every Submit appends one record to")
+    ties: bool = setting(False, "allow tied ranks (two answers always offer Tie)")
+    labeler: str = setting("", "your name, saved with every ranking (empty: 'anonymous')")
+    temperature: float = setting(
+        0.7,
+        "sampling temperature (0 is greedy)",
+        check=(lambda v: v >= 0, "use a number >= 0 (0 is greedy: K identical answers)"),
+    )
+    top_p: float = setting(
+        1.0,
+        "nucleus sampling: keep the likeliest tokens up to this total probability",
+        check=(lambda v: 0 < v <= 1, "use a number in (0, 1]"),
+    )
+    seed: int | None = setting(None, "sampling seed (prompt i uses seed + i: the same answers on a rerun)")
+    max_new_tokens: int = setting(64, "longest sampled answer, in tokens", check=_POSITIVE)
+    prefetch: int = setting(
+        8,
+        "prompts sampled per batched call",
+        check=(lambda v: v >= 1, "use a positive integer (prompts sampled per batched call)"),
+    )
+    title: str | None = setting(None, "the panel's heading (None: 'Rank the answers')")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Policies A and B (handles or session names) answer the same prompts: a table, or a blind A/B test."""
+
+    prompts: Any = setting(None, PROMPTS_HELP)
+    reward: Any = setting(None, "reward handle (or its session name) or f(prompts, responses) -> scores")
+    blind: bool = setting(False, "one pair at a time on shuffled sides; the win rate is shown once all are judged")
+    n: int | None = setting(
+        None,
+        "compare a seeded random sample of n prompts (None: all of them)",
+        check=(lambda v: v is None or v >= 1, "the number of prompts to compare must be an integer >= 1"),
+    )
+    max_new_tokens: int = setting(64, "longest answer, in tokens", check=_POSITIVE)
+    temperature: float = setting(
+        0.0, "sampling temperature (0 is greedy)", check=(lambda v: v >= 0, "use a number >= 0 (0 is greedy)")
+    )
+    seed: int | None = setting(0, "seed for sampling, the prompt sample and the sides")
+    labeler: Any = setting(
+        None,
+        "your name, or a simulated labeler from rlhf_magic.labelers (blind only; it judges every pair at once)",
+        check=(
+            lambda v: v is None or isinstance(v, str) or callable(v),
+            "give your name, or a simulated labeler from rlhf_magic.labelers",
+        ),
+    )
+
+
+PANELS: dict[str, type] = {"rank": RankConfig, "compare": CompareConfig}
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -185,9 +268,25 @@ def build_config(cls: type, values: dict[str, Any], where: dict[str, str] | None
             lora_over[sub] = value
         else:
             plain[top] = check_value(key, value, hints[top], where)
+            _check_range(key, value, plain[top], _field(cls, top), where)
     if "lora" in names:
         plain["lora"] = _merge_lora(plain.get("lora", _default(_field(cls, "lora"))), lora_over, where)
     return cls(**plain)
+
+
+def with_options(cls: type, config: Any, options: dict[str, Any], where: str | None = None) -> Any:
+    """`config` (or the defaults) with `options` on top, all checked by `build_config`; `where` prefixes errors
+    about `options` (e.g. "%rank")."""
+    if config is not None and not isinstance(config, cls):
+        raise ConfigError(f"config must be a {cls.__name__}, not {type(config).__name__}")
+    base = {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
+    return build_config(cls, {**base, **options}, {k: where for k in options} if where else None)
+
+
+def _check_range(key: str, given: Any, value: Any, f: dataclasses.Field, where: dict[str, str]) -> None:
+    ok, text = f.metadata.get("check", (None, ""))
+    if ok is not None and not ok(value):
+        raise ConfigError(f"{_at(where, key)}{key} = {given!r}: {text}")
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

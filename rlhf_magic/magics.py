@@ -18,7 +18,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
 from ._version import __version__
-from .config import STAGES, describe
+from .config import PANELS, STAGES, describe
 from .errors import ConfigError, RLHFError
 from .parsing import parse_cell, parse_line_args, parse_name
 from .session import Session
@@ -95,9 +95,6 @@ class RLHFMagics(Magics):
     @no_var_expand
     @line_magic
     def rank(self, line: str) -> Any:
-        """%rank NAME policy=sft prompts=my_prompts k=4 file="prefs.jsonl" [ties=True labeler="ann"]
-
-        Opens the ranking panel and binds it to NAME (its `.preferences` feed %%reward)."""
         from .widgets.ranking import RankingPanel
 
         with user_errors():
@@ -109,7 +106,6 @@ class RLHFMagics(Magics):
     @no_var_expand
     @line_magic
     def compare(self, line: str) -> Any:
-        """%compare A B prompts=my_prompts reward=rm [blind=True n=20]: two policies side by side."""
         from .widgets.compare import ComparePanel
 
         with user_errors():
@@ -143,6 +139,17 @@ for _stage, _cls in STAGES.items():
     _fn = getattr(RLHFMagics, _stage, None)
     if _fn is not None:
         _fn.__doc__ = f"%%{_stage} NAME  -- {_cls.__doc__}\n\nSettings (one `key = value` per line):\n{describe(_cls)}"
+
+# `%rank?` and `%compare?` show these: the usage line, then every RankConfig / CompareConfig field.
+LINE_USAGE = {
+    "rank": '%rank NAME prompts=my_prompts policy=sft [k=4 file="prefs.jsonl" ties=True labeler="ann" ...]',
+    "compare": "%compare A B prompts=my_prompts [reward=rm blind=True n=20 ...]",
+}
+for _magic, _cls in PANELS.items():
+    getattr(RLHFMagics, _magic).__doc__ = (
+        f"{LINE_USAGE[_magic]}\n\n{_cls.__doc__}\n\n"
+        f"Settings (`key=value` on the line; a value is a literal or a notebook variable):\n{describe(_cls)}"
+    )
 
 
 def load(ipython: Any) -> None:

@@ -6,12 +6,15 @@ The policies are real tiny handles: the untrained base model (greedy: empty answ
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import re
 
 import pytest
 
 from rlhf_magic import labelers
 from rlhf_magic.comparison import Comparison, compare, wilson_interval
+from rlhf_magic.config import CompareConfig
 from rlhf_magic.errors import ConfigError, DataError, RLHFError
 from rlhf_magic.session import Session
 from rlhf_magic.widgets.compare import ComparePanel, balanced_sides
@@ -220,7 +223,7 @@ def test_names_are_looked_up_in_the_session(policies):
         ({"temperature": -1}, ConfigError, "temperature = -1"),
         ({"max_new_tokens": 0}, ConfigError, "max_new_tokens = 0"),
         ({"labeler": labelers.prefers_shorter()}, ConfigError, "add blind=True"),
-        ({"rewrad": length}, ConfigError, "unknown option 'rewrad' \\(did you mean 'reward'\\?\\)"),
+        ({"rewrad": length}, ConfigError, "^%compare: unknown setting 'rewrad' \\(did you mean 'reward'\\?\\)"),
     ],
 )
 def test_bad_input_is_one_line(policies, kw, error, message):
@@ -278,3 +281,65 @@ def test_the_package_attribute_compare_is_not_shadowed_by_a_submodule():
     if not hasattr(api, "compare"):
         pytest.skip("rlhf_magic.api does not re-export compare yet")
     assert rlhf_magic.compare is compare and rlhf_magic.Comparison is Comparison
+
+
+class EchoPolicy:
+    """The PolicyHandle.generate interface without a model: answers are predictable, calls are recorded."""
+
+    def __init__(self, name):
+        self.name, self.calls = name, []
+
+    def generate(self, prompts, **sampling):
+        self.calls.append(sampling)
+        return [f"{self.name}: {p}" for p in prompts]
+
+
+# %compare's options before CompareConfig existed, with their defaults: none may disappear or change.
+OPTIONS = {
+    "prompts": None,
+    "reward": None,
+    "blind": False,
+    "n": None,
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "seed": 0,
+    "labeler": None,
+}
+
+
+def test_compare_config_fields_are_the_panels_options():
+    assert {f.name: getattr(CompareConfig(), f.name) for f in dataclasses.fields(CompareConfig)} == OPTIONS
+    a, b = EchoPolicy("a"), EchoPolicy("b")
+    given = {"blind": True, "n": 3, "max_new_tokens": 5, "temperature": 0.5, "seed": 2, "labeler": "kim"}
+    p = ComparePanel(a, b, PROMPTS, length, **given)  # prompts and reward stay positional, like compare()'s
+    assert p.config == CompareConfig(prompts=PROMPTS, reward=length, **given)
+    assert p.blind and len(p.comparison) == 3 and p.person == "kim" and p.comparison.reward == "length"
+    assert a.calls == b.calls == [{"max_new_tokens": 5, "temperature": 0.5, "seed": 2}]
+    again = ComparePanel(a, b, config=p.config, blind=False)  # a config object, with options on top
+    assert not again.blind and [r.prompt for r in again.comparison.rows] == [r.prompt for r in p.comparison.rows]
+    with pytest.raises(ConfigError, match=r"^n = 0: the number of prompts"):  # a config made by hand is checked too
+        ComparePanel(a, b, config=CompareConfig(prompts=PROMPTS, n=0))
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens = 0: use a positive integer"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens = 2.5 is not valid; expected int"),
+        ({"temperature": float("nan")}, "temperature = nan: use a number >= 0"),
+        ({"temperature": "hot"}, "temperature = 'hot' is not valid; expected float"),
+        ({"seed": 1.5}, "seed = 1.5 is not valid; expected int or None"),
+        ({"seed": True}, "seed = True is not valid"),
+    ],
+)
+def test_compare_function_checks_sampling_like_the_panel(kw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        compare(EchoPolicy("a"), EchoPolicy("b"), PROMPTS, **kw)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ComparePanel(EchoPolicy("a"), EchoPolicy("b"), PROMPTS, **kw)
+
+
+def test_labeler_must_be_a_name_or_a_simulated_labeler():
+    with pytest.raises(ConfigError, match="labeler = 3: give your name, or a simulated labeler"):
+        ComparePanel(EchoPolicy("a"), EchoPolicy("b"), PROMPTS, labeler=3)

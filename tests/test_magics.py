@@ -82,3 +82,40 @@ def test_unload_and_reload_leave_no_state(ip, pairs):
 def test_magic_docstring_lists_the_settings(ip):
     doc = ip.magics_manager.magics["cell"]["sft"].__doc__
     assert "max_steps" in doc and "lora.r" in doc and "rank of the LoRA update" in doc
+
+
+def test_an_unknown_rank_option_is_a_one_line_usage_error_with_a_hint(ip, tmp_path, capsys):
+    ip.user_ns.update(ps=["Say hi.", "Name a colour."], answers=[["a", "b"]] * 2, rule=len)
+    file = tmp_path / "p.jsonl"
+    capsys.readouterr()
+    res = ip.run_cell(f'%rank typo prompts=ps responses=answers lables="kim" file="{file}"')
+    err = capsys.readouterr().err
+    assert not res.success and "typo" not in ip.user_ns and not file.exists()
+    assert "UsageError: %rank: unknown setting 'lables' (did you mean 'labeler'?); settings are: " in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for line, message in [
+        ('k="4"', "%rank: k = '4' is not valid; expected int or None"),
+        ("k=12", "k = 12: the number of answers per prompt must be an integer from 2 to 9"),
+        ("ties=1", "%rank: ties = 1 is not valid; expected bool"),
+    ]:
+        res = ip.run_cell(f'%rank typo prompts=ps responses=answers file="{file}" {line}')
+        assert not res.success and message in str(res.error_in_exec), (line, res.error_in_exec)
+    ip.user_ns.update(x=object(), y=object())
+    res = ip.run_cell("%compare x y prompts=ps rewrad=rule")
+    assert not res.success and "%compare: unknown setting 'rewrad' (did you mean 'reward'?)" in str(res.error_in_exec)
+
+
+@pytest.mark.parametrize(("magic", "cls"), [("rank", "RankConfig"), ("compare", "CompareConfig")])
+def test_line_magic_help_lists_every_setting_of_its_config(ip, magic, cls):
+    import dataclasses
+
+    from rlhf_magic import config
+
+    config_cls = getattr(config, cls)
+    doc = ip.find_line_magic(magic).__doc__
+    assert doc.startswith(f"%{magic} ") and config_cls.__doc__ in doc
+    for name, text in config.field_help(config_cls).items():
+        assert f"  {name:<20} {text}" in doc, name
+    assert len(config.field_help(config_cls)) == len(dataclasses.fields(config_cls))
+    shown = ip.object_inspect_text(f"%{magic}")  # what `%rank?` / `%compare?` print
+    assert all(f.name in shown for f in dataclasses.fields(config_cls))

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_magic.config import LoraConfig, PPOConfig, SFTConfig, build_config, describe
+from rlhf_magic.config import (
+    CompareConfig,
+    LoraConfig,
+    PPOConfig,
+    RankConfig,
+    SFTConfig,
+    build_config,
+    describe,
+    with_options,
+)
 from rlhf_magic.errors import ConfigError
 from rlhf_magic.parsing import parse_body, parse_cell, parse_line_args, parse_name
 
@@ -89,3 +98,32 @@ def test_line_args_for_line_magics():
 def test_help_comes_from_the_dataclass():
     text = describe(PPOConfig)
     assert "kl_coef" in text and "weight of the per-token KL penalty" in text and "lora.r" in text
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"k": 1}, "k = 1: the number of answers per prompt must be an integer from 2 to 9"),
+        ({"k": True}, "k = True is not valid; expected int or None"),
+        ({"top_p": 0.0}, "top_p = 0.0: use a number in (0, 1]"),
+        ({"kk": 3}, "unknown setting 'kk' (did you mean 'k'?); settings are: file, k, labeler, "),
+    ],
+)
+def test_panel_configs_check_types_and_ranges_in_build_config(values, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(RankConfig, values, {key: "%rank" for key in values})
+    assert str(e.value).startswith(f"%rank: {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_with_options_puts_options_over_a_config_and_checks_both():
+    base = build_config(CompareConfig, {"n": 3, "temperature": 1})
+    assert base.temperature == 1.0 and isinstance(base.temperature, float)
+    cfg = with_options(CompareConfig, base, {"blind": True}, "%compare")
+    assert (cfg.n, cfg.blind, cfg.seed) == (3, True, 0)
+    with pytest.raises(ConfigError, match=r"^%compare: blind = 'yes' is not valid; expected bool$"):
+        with_options(CompareConfig, base, {"blind": "yes"}, "%compare")
+    with pytest.raises(ConfigError, match=r"^config must be a CompareConfig, not RankConfig"):
+        with_options(CompareConfig, RankConfig(), {})
+    with pytest.raises(ConfigError, match=r"^n = 0: the number of prompts"):  # no prefix: not one of the options
+        with_options(CompareConfig, CompareConfig(n=0), {}, "%compare")

@@ -5,12 +5,14 @@ No browser: ipywidgets objects work without a front end. tests/browser/ does the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
 import pytest
 
 from rlhf_magic import RankingPanel, labelers, load_preferences
+from rlhf_magic.config import RankConfig
 from rlhf_magic.errors import ConfigError, DataError
 from rlhf_magic.widgets import ranking_store
 
@@ -290,14 +292,53 @@ def test_same_prompt_ranked_in_two_panels_is_replaced_not_duplicated(path):
         ({"responses": [["a", "b"]]}, ConfigError, "one list of answers per prompt"),
         ({"responses": [["a"], ["b", "c"], ["d", "e"]]}, ConfigError, r"responses\[0\] has 1 answers"),
         ({"responses": [["a", "b"]] * 3, "k": 3}, ConfigError, "expected k = 3"),
-        ({"lables": "x"}, ConfigError, "unknown option 'lables' \\(did you mean 'labeler'\\?\\)"),
+        ({"lables": "x"}, ConfigError, "^%rank: unknown setting 'lables' \\(did you mean 'labeler'\\?\\)"),
         ({"prompts": None}, ConfigError, "needs prompts="),
+        ({"top_p": 0}, ConfigError, r"top_p = 0: use a number in \(0, 1\]"),
+        ({"top_p": 1.5}, ConfigError, "top_p = 1.5"),
+        ({"seed": "x"}, ConfigError, "seed = 'x' is not valid; expected int or None"),
+        ({"max_new_tokens": 0}, ConfigError, "max_new_tokens = 0: use a positive integer"),
+        ({"prefetch": 0}, ConfigError, "prefetch = 0: use a positive integer"),
+        ({"labeler": 3}, ConfigError, "labeler = 3 is not valid; expected str"),
+        ({"title": 3}, ConfigError, "title = 3 is not valid"),
     ],
 )
 def test_bad_options_give_one_line_errors(path, kwargs, error, message):
     with pytest.raises(error, match=message) as info:
         panel(path, **kwargs)
     assert "\n" not in str(info.value) and not path.exists()
+
+
+# The panel's options before RankConfig existed, with their defaults: none may disappear or change.
+OPTIONS = {
+    "prompts": None,
+    "policy": None,
+    "responses": None,
+    "k": None,
+    "file": "preferences.jsonl",
+    "ties": False,
+    "labeler": "",
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "seed": None,
+    "max_new_tokens": 64,
+    "prefetch": 8,
+    "title": None,
+}
+
+
+def test_rank_config_fields_are_the_panels_options(path):
+    assert {f.name: getattr(RankConfig(), f.name) for f in dataclasses.fields(RankConfig)} == OPTIONS
+    given = {"k": 3, "ties": True, "temperature": 0.9, "top_p": 0.5, "seed": 1, "max_new_tokens": 5, "prefetch": 2}
+    p = panel(path, title="Which is kinder?", **given)  # every field is a keyword of the panel
+    rest = {"prompts": PROMPTS, "policy": p.policy, "file": path, "labeler": "ann", "title": "Which is kinder?"}
+    assert p.config == RankConfig(**given, **rest)
+    assert (p.k, p.ties, p.seed, p.prefetch) == (3, True, 1, 2)
+    assert p.sampling == {"max_new_tokens": 5, "temperature": 0.9, "top_p": 0.5}
+    again = RankingPanel(config=p.config, k=4)  # a config object, with options on top
+    assert again.k == 4 and again.config.title == "Which is kinder?" and again.store.path == p.store.path
+    with pytest.raises(ConfigError, match=r"^k = 1: the number of answers"):  # a config made by hand is checked too
+        RankingPanel(config=RankConfig(prompts=PROMPTS, policy=FakePolicy(), file=path, k=1))
 
 
 def test_bad_files_are_refused_and_left_untouched(tmp_path):

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..comparison import Comparison, compare, comparison_html
+from ..config import CompareConfig, with_options
 from ..data import read_prompts
-from ..errors import ConfigError, DataError, RLHFError, did_you_mean
+from ..errors import ConfigError, DataError, RLHFError
 from ..preferences import parse_ranking
 
-OPTIONS = ("prompts", "reward", "blind", "n", "max_new_tokens", "temperature", "seed", "labeler")
 CHOICES = {"left": "Left is better", "tie": "Tie", "right": "Right is better"}
 CARD = "1px solid #bbb"
 
@@ -57,35 +57,24 @@ class ComparePanel:
         b: Any,
         prompts: Any = None,
         reward: Any = None,
-        blind: bool = False,
-        n: int | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        seed: int | None = 0,
-        labeler: Any = None,
+        *,
+        config: CompareConfig | None = None,
         session: Any = None,
-        **unknown: Any,
+        **options: Any,
     ):
-        if unknown:
-            key = next(iter(unknown))
-            raise ConfigError(
-                f"%compare: unknown option {key!r}{did_you_mean(key, OPTIONS)}; options: {', '.join(OPTIONS)}"
-            )
-        if prompts is None:
+        """`options` are CompareConfig's fields (`%compare?` lists them); they override `config`."""
+        given = {k: v for k, v in (("prompts", prompts), ("reward", reward)) if v is not None}
+        cfg = with_options(CompareConfig, config, {**given, **options}, "%compare")
+        if cfg.prompts is None:
             raise ConfigError("%compare needs prompts=..., a list of prompt strings (or records with a `prompt` field)")
-        if not isinstance(blind, bool):
-            raise ConfigError(f"blind = {blind!r}: use True or False")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ConfigError(f"n = {n!r}: the number of prompts to compare must be an integer >= 1")
-        if labeler is not None and not isinstance(labeler, str) and not callable(labeler):
-            raise ConfigError(f"labeler = {labeler!r}: give your name, or a simulated labeler from rlhf_magic.labelers")
-        if callable(labeler) and not blind:
+        if callable(cfg.labeler) and not cfg.blind:
             raise ConfigError("labeler = <simulated labeler> judges the blind mode; add blind=True")
-        a, b, reward = (session[x] if isinstance(x, str) and session is not None else x for x in (a, b, reward))
-        chosen, note = _subset(read_prompts(prompts), n, seed)
-        self.comparison: Comparison = compare(
-            a, b, chosen, reward, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-        )
+        self.config = cfg
+        blind, labeler, seed = cfg.blind, cfg.labeler, cfg.seed
+        sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": seed}
+        a, b, reward = (session[x] if isinstance(x, str) and session is not None else x for x in (a, b, cfg.reward))
+        chosen, note = _subset(read_prompts(cfg.prompts), cfg.n, seed)
+        self.comparison: Comparison = compare(a, b, chosen, reward, **sampling)
         self.blind = blind
         self.on_left = balanced_sides(len(chosen), seed)  # the policy shown on the left, per pair
         self.person = labeler.strip() if isinstance(labeler, str) and labeler.strip() else "person"

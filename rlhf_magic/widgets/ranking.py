@@ -12,11 +12,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ..config import RankConfig, with_options
 from ..data import read_prompts
-from ..errors import ConfigError, DataError, RLHFError, did_you_mean
+from ..errors import ConfigError, DataError, RLHFError
 from ..preferences import RANKING, Preferences, format_ranking, parse_ranking
 from .ranking_cards import Cards, describe
-from .ranking_options import OPTIONS, check_options, check_responses, policy_name, resolve_policy, unique
+from .ranking_options import check_responses, policy_name, resolve_policy, unique
 from .ranking_store import PreferenceStore, new_id, now_iso
 
 ALL_BAD = "all_bad"
@@ -29,38 +30,28 @@ class RankingPanel:
         self,
         prompts: Any = None,
         policy: Any = None,
-        responses: Any = None,
-        k: int | None = None,
-        file: Any = "preferences.jsonl",
-        ties: bool = False,
-        labeler: str = "",
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        max_new_tokens: int = 64,
-        prefetch: int = 8,
+        *,
+        config: RankConfig | None = None,
         session: Any = None,
-        title: str | None = None,
-        **unknown: Any,
+        **options: Any,
     ):
-        if unknown:
-            key = next(iter(unknown))
-            raise ConfigError(
-                f"%rank: unknown option {key!r}{did_you_mean(key, OPTIONS)}; options: {', '.join(OPTIONS)}"
-            )
-        if prompts is None:
+        """`options` are RankConfig's fields (`%rank?` lists them); they override `config`."""
+        given = {k: v for k, v in (("prompts", prompts), ("policy", policy)) if v is not None}
+        cfg = with_options(RankConfig, config, {**given, **options}, "%rank")
+        if cfg.prompts is None:
             raise ConfigError("%rank needs prompts=..., a list of prompt strings (or records with a `prompt` field)")
-        self.prompts = unique(read_prompts(prompts))
-        self.k = check_options(k, ties, labeler, temperature, top_p, seed, max_new_tokens, prefetch)
-        self.policy = resolve_policy(policy, session, responses is None)
-        self._given = check_responses(responses, self.prompts, k)
-        self.ties, self.seed, self.prefetch = bool(ties), seed, prefetch
-        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        self.store = PreferenceStore(file)  # DataError for a missing folder or foreign records: nothing written
+        self.config = cfg
+        self.prompts = unique(read_prompts(cfg.prompts))
+        self.k = 4 if cfg.k is None else cfg.k
+        self.policy = resolve_policy(cfg.policy, session, cfg.responses is None)
+        self._given = check_responses(cfg.responses, self.prompts, cfg.k)
+        self.ties, self.seed, self.prefetch = cfg.ties, cfg.seed, cfg.prefetch
+        self.sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+        self.store = PreferenceStore(cfg.file)  # DataError for a missing folder or foreign records: nothing written
         self._answers: dict[int, list[str]] = {}
         self.index: int | None = None
         self._replacing: dict | None = None
-        self.cards = Cards(self._guard(self._refresh), title or "Rank the answers", labeler)
+        self.cards = Cards(self._guard(self._refresh), cfg.title or "Rank the answers", cfg.labeler)
         self.cards.on_button("submit", self._guard(self._submit_widgets))
         self.cards.on_button("skip", self._guard(self.skip))
         self.cards.on_button("back", self._guard(self.back))

@@ -1,5 +1,5 @@
-"""Checks of the ranking panel's options: every mistake is a one-line ConfigError/DataError, raised before
-anything is written."""
+"""Checks of the ranking panel's inputs beyond RankConfig's types and ranges (prompts, policy, responses): every
+mistake is a one-line ConfigError/DataError, raised before anything is written."""
 
 from __future__ import annotations
 
@@ -9,38 +9,12 @@ from typing import Any
 
 from ..errors import ConfigError
 
-OPTIONS = ("prompts", "policy", "responses", "k", "file", "ties", "labeler", "temperature", "top_p", "seed",
-           "max_new_tokens", "prefetch", "title")  # fmt: skip
-
 
 def unique(prompts: list[str]) -> list[str]:
     out = list(dict.fromkeys(prompts))
     if len(out) < len(prompts):
         warnings.warn(f"prompts: {len(prompts) - len(out)} duplicate prompt(s) dropped", stacklevel=3)
     return out
-
-
-def check_options(
-    k: Any, ties: Any, labeler: Any, temperature: Any, top_p: Any, seed: Any, max_new: Any, prefetch: Any
-) -> int:
-    k = 4 if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 9:
-        raise ConfigError(f"k = {k!r}: the number of answers per prompt must be an integer from 2 to 9")
-    if not isinstance(ties, bool):
-        raise ConfigError(f"ties = {ties!r}: use True or False")
-    if not isinstance(labeler, str):
-        raise ConfigError(f"labeler = {labeler!r}: give the labeler's name as a string")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ConfigError(f"temperature = {temperature!r}: use a number >= 0 (0 is greedy: K identical answers)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ConfigError(f"top_p = {top_p!r}: use a number in (0, 1]")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"seed = {seed!r}: use an integer or None")
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise ConfigError(f"max_new_tokens = {max_new!r}: use a positive integer")
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-        raise ConfigError(f"prefetch = {prefetch!r}: use a positive integer (prompts sampled per batched call)")
-    return k
 
 
 def resolve_policy(policy: Any, session: Any, needed: bool) -> Any:

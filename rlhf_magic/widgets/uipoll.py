@@ -1,38 +1,9 @@
-"""Let a widget's clicks reach the kernel while the cell that shows it is still running.
+"""Let a widget's clicks (e.g. Stop) reach the kernel while the cell that shows it is still running.
 
-Why it is needed: ipykernel runs the shell messages of its main shell (cells, and widgets' `comm_msg`) one at a time
-on the main thread, so a Stop click made during training waits behind the running cell and is handled after it.
-
-The mechanism (ipykernel 7 with per-comm routing, i.e. `BaseComm._reply_subshell_for`; 7.4 here):
-
-* ipykernel 7 reads the shell socket on its "Shell channel" thread and forwards each message over an inproc socket
-  to the main shell or to a *subshell* (a thread with its own event loop). For `comm_msg`/`comm_close` it asks the
-  target comm, `comm._reply_subshell_for(data, default)`, which subshell to use (`default`: the one in the header).
-* `poll_ui_events(*widgets)` creates, once per kernel, a private subshell (on the shell channel thread, as ipykernel
-  does for a `create_subshell_request`) and sets, on the comms of `widgets` and of their children, a
-  `_reply_subshell_for` that answers that subshell. From then on their front-end messages are handled at once on the
-  subshell's thread while the main thread trains; their callbacks (e.g. `StopControl.request`) run there.
-* Nothing else changes: only the comms given here are rerouted. Execute requests, other widgets and all other
-  messages still go to the main shell, in order; nothing is read from a socket here and nothing runs re-entrantly
-  on the main thread. Later calls only check that the routing is in place (throttled, a few microseconds).
-* A front end that sends comm messages on a subshell of its own (JupyterLab >= 4.4, setting "Kernel comms over
-  subshells", default one per comm target) keeps its choice. That setting alone does *not* help with ipykernel 7.4:
-  the comm's own `_reply_subshell_for` routes to the shell that last published on the comm, the main shell for a
-  widget a cell made (checked with JupyterLab 4.6.6: without this module the click waits for the cell's end).
-
-Limits:
-
-* Callbacks of routed widgets run on another thread: route only widgets whose handlers are thread-safe (set a flag,
-  update their own traits). `comm` also fires IPython's pre/post_execute events around them, on that thread.
-* A click sent before the first call (e.g. while a model loads) is already queued for the main shell and is handled
-  when the cell ends.
-* The subshell publishes busy/idle statuses whose parent is the click; a front end that does not filter statuses by
-  parent type may show the kernel idle between the click and the end of the cell (cosmetic; JupyterLab 4.6 filters
-  them and kept showing busy).
-* A no-op returning False outside a kernel, with ipykernel 6 (e.g. Colab: there only the kernel interrupt stops a
-  run) or a 7.x without per-comm routing, and in in-process kernels and others without a shell channel thread.
-  It uses ipykernel internals (`shell_channel_thread.manager`, `_create_subshell`, `_reply_subshell_for`): if they
-  change, it degrades to a no-op rather than failing. The subshell is listed by `%subshell`.
+ipykernel handles a cell and widget `comm_msg`s one at a time on its main thread, so a click waits for the cell to end.
+On ipykernel 7 with per-comm routing (`BaseComm._reply_subshell_for`) we route the given widgets' comms to a private
+subshell (a thread of its own). Elsewhere (no kernel, ipykernel 6 as on Colab, in-process kernels) it is a no-op that
+returns False; it relies on ipykernel internals and degrades to a no-op if they change.
 """
 
 from __future__ import annotations
@@ -41,31 +12,42 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 MIN_INTERVAL_S = 0.2
 CREATE_TIMEOUT_S = 5.0
 
-_lock = threading.Lock()
-_subshells: dict[int, str | None] = {}  # id(kernel) -> our subshell id, None where it cannot be made
-_last: tuple[tuple[int, ...], float, bool] = ((), -1.0, False)  # (widget ids, time, result) of the last call
+
+@dataclass
+class _State:
+    """What poll_ui_events remembers. Process-wide because the kernel is: one subshell of ours per kernel, shared by
+    every view that calls this, and the throttle holds across calls from the training loop."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    subshells: dict[int, str | None] = field(default_factory=dict)  # id(kernel) -> our subshell (None: cannot be made)
+    last: tuple[tuple[int, ...], float, bool] = ((), -1.0, False)  # (widget ids, time, result) of the last real check
+
+
+_STATE = _State()
 
 
 def poll_ui_events(*widgets: Any) -> bool:
     """Have the front-end events of `widgets` handled now, on a kernel subshell, while this cell runs.
 
     Cheap (throttled to one real check per MIN_INTERVAL_S for the same widgets) and safe anywhere: a no-op returning
-    False where it cannot work. True when every given widget's messages reach the kernel during the cell.
+    False where it cannot work. True when every given widget's messages reach the kernel during the cell. A click sent
+    before the first call is already queued for the main shell and is handled when the cell ends.
     """
-    global _last
     key, now = tuple(map(id, widgets)), time.monotonic()
-    if key == _last[0] and now - _last[1] < MIN_INTERVAL_S:
-        return _last[2]
+    last = _STATE.last
+    if key == last[0] and now - last[1] < MIN_INTERVAL_S:
+        return last[2]
     try:
         ok = _route(widgets)
     except Exception:  # internals moved: degrade to doing nothing
         ok = False
-    _last = (key, now, ok)
+    _STATE.last = (key, now, ok)
     return ok
 
 
@@ -85,6 +67,8 @@ def _kernel() -> Any:
 
 
 def _route(widgets: tuple[Any, ...]) -> bool:
+    """Set a `_Router` on the comms of `widgets` (and their children); all other messages keep going to the main
+    shell, in order. Callbacks of routed widgets run on the subshell's thread: route only thread-safe handlers."""
     kernel = _kernel()
     comms = [c for w in widgets for c in _comms(w)] if kernel is not None else []
     if not comms:
@@ -96,6 +80,8 @@ def _route(widgets: tuple[Any, ...]) -> bool:
     for c in comms:
         router = c.__dict__.get("_reply_subshell_for")
         if not (isinstance(router, _Router) and router.subshell == subshell):
+            # ipykernel's own router answers the shell that last published on the comm (the main shell for a widget
+            # a cell made), so without ours a click waits for the cell even with JupyterLab's comm subshells
             c._reply_subshell_for = _Router(subshell, manager.list_subshell)
     return True
 
@@ -116,15 +102,15 @@ class _Router:
         self.subshell, self.alive = subshell, alive
 
     def __call__(self, data: Any, default: str | None) -> str | None:
-        if default is not None:
+        if default is not None:  # a front end that sends comms on a subshell of its own (JupyterLab >= 4.4) keeps it
             return default
         return self.subshell if self.subshell in self.alive() else None
 
 
 def _subshell(kernel: Any, manager: Any) -> str | None:
     """Our subshell in this kernel, created on the shell channel thread on first use (None if that fails)."""
-    with _lock:
-        sid = _subshells.get(id(kernel), "")
+    with _STATE.lock:
+        sid = _STATE.subshells.get(id(kernel), "")
         if sid is None or (sid and sid in manager.list_subshell()):
             return sid
         done, box = threading.Event(), {}
@@ -137,5 +123,5 @@ def _subshell(kernel: Any, manager: Any) -> str | None:
 
         kernel.shell_channel_thread.io_loop.add_callback(create)
         sid = box.get("id") if done.wait(CREATE_TIMEOUT_S) else None
-        _subshells[id(kernel)] = sid
+        _STATE.subshells[id(kernel)] = sid
         return sid
