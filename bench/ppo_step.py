@@ -50,7 +50,7 @@ def run_ours(
     rollout.sample = functools.partial(rollout.sample, min_new_tokens=RESP)
     policy = api.load_policy("smollm2-135m")
     torch.manual_seed(1234)
-    rm = RewardHandle("random-rm", policy.lm, None, make_head(576, policy.runtime.device), None, (), policy.runtime)
+    rm = RewardHandle("random-rm", policy.lm, make_head(576, policy.runtime.device), runtime=policy.runtime)
     times: list[float] = []
     gen: list[float] = []
 

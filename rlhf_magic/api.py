@@ -59,7 +59,7 @@ def sft(
     from .engine.sft import train_sft
 
     cfg = _config(SFTConfig, config, settings)
-    runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision)
+    runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
     stop = stop or StopControl()
     handle = train_sft(cfg, name, runtime, _views("sft", name, progress, callbacks, stop), stop)
     if session is not None:
@@ -85,7 +85,7 @@ def load_policy(
 
     runtime = resolve_runtime(session, device=device, precision=precision)
     lm = runtime.load(model)
-    handle = PolicyHandle(name or "base", "base", lm, None, None, (model,), runtime, chat=chat)
+    handle = PolicyHandle(name or "base", "base", lm, runtime=runtime, parents=(model,), chat=chat)
     if session is not None:
         session.add(handle)
     return handle
@@ -122,7 +122,7 @@ def reward(
         cfg = dataclasses.replace(cfg, model=latest)
     if cfg.data is None:
         raise ConfigError("data is required: Preferences from the ranking panel, ranking records or pairs, or a path")
-    runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision)
+    runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
     stop = stop or StopControl()
     handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop), stop, session)
     if session is not None:
@@ -161,7 +161,7 @@ def ppo(
 
     cfg = _ppo_config(_config(PPOConfig, config, settings), session)
     previous = _previous_ppo(name, cfg, session)
-    runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision)
+    runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
     stop = stop or StopControl()
     views = _views("ppo", name, progress, callbacks, stop)
     handle = train_ppo(cfg, name, runtime, views, stop, previous)

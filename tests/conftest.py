@@ -19,6 +19,28 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests of a fast-path specialisation skip, with a reason, when the fast path is off; all others run in both
+    modes (CI runs the suite once with RLHF_MAGIC_FASTPATH=0)."""
+    from rlhf_magic.engine import fastpath
+
+    if fastpath.enabled_by_env():
+        return
+    skip = pytest.mark.skip(reason="tests a CPU fast-path specialisation, and RLHF_MAGIC_FASTPATH=0 turns it off")
+    for item in items:
+        if item.get_closest_marker("fastpath"):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def native_kernels():
+    """Skips where the compiled kernels cannot run (no compiler, no AVX2/FMA, RLHF_MAGIC_NATIVE=0)."""
+    from rlhf_magic.engine.fastpath import native
+
+    if native.skinny_kernel() is None:
+        pytest.skip("the native kernels need Linux x86-64 with AVX2/FMA, a C compiler and RLHF_MAGIC_NATIVE != 0")
+
+
 @pytest.fixture
 def two_threads():
     torch.set_num_threads(2)

@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_magic import api, ops
-from rlhf_magic.engine import cpu_bf16
+from rlhf_magic import api
+from rlhf_magic.engine.fastpath import cpu_bf16
+from rlhf_magic.engine.fastpath.patching import is_patched
+from rlhf_magic.head_logprobs import logprobs_from_head
+
+pytestmark = pytest.mark.fastpath
 
 
 def test_frozen_linear_multiplies_in_bf16_with_a_kept_copy_that_follows_in_place_changes():
@@ -26,7 +30,7 @@ def test_frozen_linear_multiplies_in_bf16_with_a_kept_copy_that_follows_in_place
         assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), exact, rtol=0.03, atol=0.03)
         lin.weight.mul_(2.0)  # an in-place change (merging an adapter, say): a new copy
         assert torch.allclose(lin(x).float(), exact * 2 - lin.bias, rtol=0.05, atol=0.05)
-    assert nn.Linear.forward is cpu_bf16._LINEAR  # torch's own again outside
+    assert nn.Linear.forward is cpu_bf16._TORCH_LINEAR  # torch's own again outside
     trained = nn.Linear(64, 32)
     with cpu_bf16.autocast():
         trained(x).float().sum().backward()  # trainable weights: autocast's own cast, gradients in fp32
@@ -39,7 +43,7 @@ def test_attention_runs_in_fp32_under_the_kernels():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert out.dtype == torch.float32
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
-    assert F.scaled_dot_product_attention is cpu_bf16._SDPA
+    assert F.scaled_dot_product_attention is cpu_bf16._TORCH_SDPA
 
 
 def test_bf16_head_product_stays_close_to_fp32_and_keeps_the_chosen_logit_exact():
@@ -47,14 +51,14 @@ def test_bf16_head_product_stays_close_to_fp32_and_keeps_the_chosen_logit_exact(
     hidden = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
     weight = torch.randn(300, 16, generator=gen)  # frozen: no grad
     tokens = torch.randint(0, 300, (3, 7), generator=gen)
-    exact = ops.logprobs_from_head(hidden, weight, None, tokens, 0.7, chunk=64)
+    exact = logprobs_from_head(hidden, weight, None, tokens, temperature=0.7, chunk=64)
     (g_exact,) = torch.autograd.grad(exact.logprobs.sum(), hidden)
-    low = ops.logprobs_from_head(hidden, weight, None, tokens, 0.7, chunk=64, low=weight.bfloat16())
+    low = logprobs_from_head(hidden, weight, None, tokens, temperature=0.7, chunk=64, low=weight.bfloat16())
     (g_low,) = torch.autograd.grad(low.logprobs.sum(), hidden)
     assert (low.logprobs - exact.logprobs).abs().max() < 0.05
     assert ((g_low - g_exact).norm() / g_exact.norm()) < 0.02
     with pytest.raises(ValueError, match="frozen weight"):
-        ops.logprobs_from_head(hidden, weight.requires_grad_(True), None, tokens, low=weight.detach().bfloat16())
+        logprobs_from_head(hidden, weight.requires_grad_(True), None, tokens, low=weight.detach().bfloat16())
 
 
 def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(pairs, monkeypatch):
@@ -102,11 +106,13 @@ def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(
     assert max(h.metrics["ppo/policy/approxkl"]) < 1e-9
     assert snap["packed"] > 100  # the update's backward read bf16 activations
     assert all(not torch.equal(a, b.detach()) for a, b in zip(snap["w"], h.trainable_parameters()))
-    assert nn.Linear.forward is cpu_bf16._LINEAR and F.scaled_dot_product_attention is cpu_bf16._SDPA
+    assert nn.Linear.forward is cpu_bf16._TORCH_LINEAR and F.scaled_dot_product_attention is cpu_bf16._TORCH_SDPA
 
 
 def test_sampling_with_bf16_weights_reads_bf16_copies_of_the_frozen_trunk_but_keeps_the_head_fp32():
-    from rlhf_magic.engine.generation import _BF16_SKIP, sample, skinny_linear
+    from rlhf_magic.engine.fastpath.patching import PROCESS
+    from rlhf_magic.engine.fastpath.sampling import skinny_linear
+    from rlhf_magic.engine.generation import sample
     from rlhf_magic.engine.models import load_model
     from rlhf_magic.engine.modules import trunk_and_head
 
@@ -115,16 +121,16 @@ def test_sampling_with_bf16_weights_reads_bf16_copies_of_the_frozen_trunk_but_ke
     _, head = trunk_and_head(lm.model)
     trunk_linear = next(m for m in lm.model.modules() if type(m) is nn.Linear and m is not head)
     x = torch.randn(3, trunk_linear.in_features)
-    with torch.no_grad(), skinny_linear(torch.device("cpu"), head):
+    with torch.no_grad(), skinny_linear(head):
         low, head_out = trunk_linear(x), head(torch.randn(2, head.in_features))
     assert low.dtype == head_out.dtype == torch.float32
     with torch.no_grad():
         exact = trunk_linear(x)
     assert 1e-4 < (low - exact).abs().max() < 0.05  # the bf16 product: close, not equal (fp32 paths: ~1e-7)
-    assert cpu_bf16._COPIES.get(head.weight) is None  # the LM head is never copied: logits stay fp32
+    assert PROCESS.bf16_copies.get(head.weight) is None  # the LM head is never copied: logits stay fp32
     out = sample(lm, ["hi", "there"], max_new_tokens=4, temperature=0.7, seed=0, bf16_weights=True)
-    assert out.responses.shape == (2, 4) and not _BF16_SKIP
-    assert cpu_bf16._COPIES.get(head.weight) is None and nn.Linear.forward is cpu_bf16._LINEAR
+    assert out.responses.shape == (2, 4) and not is_patched(nn.Linear, "forward")
+    assert PROCESS.bf16_copies.get(head.weight) is None and nn.Linear.forward is cpu_bf16._TORCH_LINEAR
 
 
 def test_saved_activations_are_packed_once_in_bf16_and_gradients_stay_close():

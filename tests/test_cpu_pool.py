@@ -1,5 +1,5 @@
-"""The CPU memory pool of training steps (engine/cpu_pool.py): blocks are reused, memory stays flat, results do not
-change, and everything is freed at the end."""
+"""The CPU memory pool of training steps (engine/fastpath/cpu_pool.py): blocks are reused, memory stays flat,
+results do not change, and everything is freed at the end."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_magic.engine import cpu_pool
+from rlhf_magic.engine.fastpath import cpu_pool
 
 CPU = torch.device("cpu")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None or not Path("/proc/self/statm").exists(), reason="needs g++ and Linux"
-)
+pytestmark = [
+    pytest.mark.fastpath,
+    pytest.mark.skipif(shutil.which("g++") is None or not Path("/proc/self/statm").exists(), reason="needs g++, Linux"),
+]
 
 
 def rss_mib() -> float:

@@ -1,23 +1,21 @@
-"""The lean CPU sampling loop (engine/decode.py) and its native LoRA product: the same tokens as generate()."""
+"""The lean CPU sampling loop (engine/fastpath/decode.py) and its native LoRA product: the same tokens as
+generate()."""
 
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 import torch
 
 from rlhf_magic import api
 from rlhf_magic.config import LoraConfig
-from rlhf_magic.engine import decode, generation, native
-from rlhf_magic.engine.adapters import add_adapter, lean_lora, use_adapter
+from rlhf_magic.engine import fastpath, generation
+from rlhf_magic.engine.adapters import add_adapter, use_adapter
+from rlhf_magic.engine.fastpath import decode, native, sampling
+from rlhf_magic.engine.fastpath.lean import lean_lora
 
 PROMPTS = ["hi", "a much longer prompt, so the batch is left-padded", "x", "List letters 3"]
-
-
-def native_available() -> bool:
-    return native._cpu_supported() and shutil.which("gcc") is not None
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +39,13 @@ def stacked():
 def sample_both(lm, adapters, monkeypatch, **kw):
     out = {}
     for lean in (False, True):
-        monkeypatch.setattr(generation, "LEAN_DECODE", lean)
+        monkeypatch.setattr(sampling, "supports", decode.supports if lean else lambda model: False)
         with use_adapter(lm, adapters), lean_lora():
             out[lean] = generation.sample(lm, PROMPTS * 2, **kw)
     return out[False], out[True]
 
 
+@pytest.mark.fastpath
 @pytest.mark.parametrize("adapters", ["stacked", "off"])
 @pytest.mark.parametrize("settings", [{"temperature": 0.7, "capture": True}, {"temperature": 0.0}])
 def test_lean_loop_samples_the_tokens_generate_samples(stacked, monkeypatch, adapters, settings):
@@ -64,6 +63,7 @@ def test_lean_loop_samples_the_tokens_generate_samples(stacked, monkeypatch, ada
         assert (lean.logprobs < 0).all()
 
 
+@pytest.mark.fastpath
 def test_rows_that_end_get_pad_and_the_loop_stops_when_every_row_has_ended(stacked):
     """EOS handling as in generate(): EOS masked below min_new_tokens, PAD after a row's EOS, and no step after
     the last row ends (the policy answers four letters, then EOS)."""
@@ -73,7 +73,7 @@ def test_rows_that_end_get_pad_and_the_loop_stops_when_every_row_has_ended(stack
     ids, mask = generation.left_pad(generation.encode_prompts(lm, prompts), tok.pad_token_id, torch.device("cpu"))
     kw = {"max_new_tokens": 40, "min_new_tokens": 10, "temperature": 1.0, "pad_token_id": tok.pad_token_id}
     eos = tok.eos_token_id
-    with use_adapter(lm, names), lean_lora(), generation.fast_sampling(torch.device("cpu")):
+    with use_adapter(lm, names), lean_lora(), sampling.fast_sampling():
         torch.manual_seed(1)
         out = decode.lean_sample(lm.model, ids, mask, eos_token_id=eos, **kw)
         torch.manual_seed(1)
@@ -103,11 +103,10 @@ def test_models_the_loop_cannot_run_keep_generate(stacked):
         lm.model.config.model_type = "llama"
 
 
-def test_native_lora_product_matches_torch_and_steps_aside_where_it_does_not_apply(monkeypatch):
+@pytest.mark.fastpath
+def test_native_lora_product_matches_torch_and_steps_aside_where_it_does_not_apply(monkeypatch, native_kernels):
     """x W^T + b + (x A^T) L^T for 1 to MAX_ROWS rows, ranks with and without a tail of 8, K not a multiple of 8,
     with and without bias; more rows, no kernel (RLHF_MAGIC_NATIVE=0) give None."""
-    if not native_available():
-        pytest.skip("the native kernel needs Linux x86-64 with AVX2/FMA and a C compiler")
     torch.manual_seed(0)
     weight, bias = torch.randn(70, 43), torch.randn(70)
     for rank in (3, 8, 19):
@@ -127,3 +126,15 @@ def test_native_lora_product_matches_torch_and_steps_aside_where_it_does_not_app
         monkeypatch.delenv("RLHF_MAGIC_NATIVE")
         native.skinny_kernel.cache_clear()
     assert native.lora_linear(torch.randn(4, 43), weight, bias, a, low) is not None
+
+
+@pytest.mark.parametrize("adapters", ["stacked", "off"])
+def test_greedy_answers_are_the_same_on_the_fast_path_and_the_plain_path(stacked, adapters):
+    """The CPU decoder (lean loop, native products) and plain generate() pick the same greedy tokens. Runs in both
+    test modes: with RLHF_MAGIC_FASTPATH=0 both sides are the plain path."""
+    lm, names = stacked
+    out = {}
+    for on in (True, False):
+        with use_adapter(lm, names if adapters == "stacked" else None), fastpath.scope(on, torch.device("cpu")):
+            out[on] = generation.sample(lm, PROMPTS, max_new_tokens=10, temperature=0.0).responses
+    assert torch.equal(out[True], out[False])

@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from rlhf_magic import head_logprobs as head_module
 from rlhf_magic import ops
+from rlhf_magic.engine.kl_control import AdaptiveKLController, FixedKLController
+from rlhf_magic.head_logprobs import logprobs_from_head
 
 B, T, V = 5, 7, 11
 
@@ -147,12 +150,12 @@ def test_logprobs_from_hidden_equal_log_softmax_of_the_full_logits(gen):
         ops.logprobs_from_hidden(hidden, weight, None, tokens, lse, 0.0)
 
 
-@pytest.mark.parametrize("keep_bytes", [ops.KEEP_LOGITS_BYTES, 0], ids=["kept-logits", "recomputed-logits"])
+@pytest.mark.parametrize("keep_bytes", [head_module.KEEP_LOGITS_BYTES, 0], ids=["kept-logits", "recomputed-logits"])
 def test_logprobs_from_head_equal_log_softmax_of_the_logits_with_the_same_gradients(gen, keep_bytes, monkeypatch):
     """Vocabulary chunks of 4 (11 = 4 + 4 + 3) with an online logsumexp: values, entropy and the gradients for
     hidden, weight and bias all equal those of the full logits (float64, so exactly to rounding), whether the
     backward pass uses the kept logits or recomputes them."""
-    monkeypatch.setattr(ops, "KEEP_LOGITS_BYTES", keep_bytes)
+    monkeypatch.setattr(head_module, "KEEP_LOGITS_BYTES", keep_bytes)
     tokens = torch.randint(0, V, (B, T), generator=gen)
     for bias_on in (False, True):
         hidden = (3 * rand(gen, B, T, 5)).requires_grad_()
@@ -162,7 +165,7 @@ def test_logprobs_from_head_equal_log_softmax_of_the_logits_with_the_same_gradie
         for temp in (1.0, 0.7):
             logits = hidden @ weight.T + (0 if bias is None else bias)
             want = ops.logprobs_from_logits(logits, tokens, temp)
-            got = ops.logprobs_from_head(hidden, weight, bias, tokens, temp, entropy=True, chunk=4)
+            got = logprobs_from_head(hidden, weight, bias, tokens, temperature=temp, entropy=True, chunk=4)
             assert_close(got.logprobs, want)
             assert_close(got.entropy, ops.entropy_from_logits(logits.detach(), temp))
             upstream = rand(gen, B, T)
@@ -170,9 +173,9 @@ def test_logprobs_from_head_equal_log_softmax_of_the_logits_with_the_same_gradie
                 torch.autograd.grad((got.logprobs * upstream).sum(), inputs),
                 torch.autograd.grad((want * upstream).sum(), inputs),
             )
-        assert ops.logprobs_from_head(hidden, weight, bias, tokens).entropy is None
+        assert logprobs_from_head(hidden, weight, bias, tokens).entropy is None
     with pytest.raises(ValueError):
-        ops.logprobs_from_head(hidden, weight, None, tokens, 0.0)
+        logprobs_from_head(hidden, weight, None, tokens, temperature=0.0)
 
 
 # ---------------------------------------------------------------- KL and rewards
@@ -354,7 +357,7 @@ def test_padded_positions_change_no_loss_metric_or_gradient(gen):
 
 
 def test_adaptive_kl_controller_exact_multiplier():
-    ctl = ops.AdaptiveKLController(0.2, target=6.0, horizon=10_000)
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10_000)
     assert ctl.update(7.0, 256) == pytest.approx(0.2 * (1 + (7 / 6 - 1) * 256 / 10_000))
     assert ctl.value > 0.2
     up = ctl.value
@@ -365,7 +368,7 @@ def test_adaptive_kl_controller_exact_multiplier():
     assert ctl.value == pytest.approx(down * (1 + 0.2 * 100 / 10_000))
     ctl.update(6.0, 100)
     assert ctl.value == pytest.approx(down * (1 + 0.2 * 100 / 10_000))
-    fixed = ops.FixedKLController(0.05)
+    fixed = FixedKLController(0.05)
     assert fixed.update(100.0, 64) == 0.05 and fixed.value == 0.05
 
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from rlhf_magic.engine import modules as M
+from rlhf_magic.engine.fastpath import packing as P
+from rlhf_magic.engine.fastpath.lean import lean_mlp
+from rlhf_magic.engine.fastpath.patching import is_patched
 from rlhf_magic.engine.tiny import tiny_model
+
+pytestmark = pytest.mark.fastpath
 
 SHARED = 12
 
@@ -32,18 +37,18 @@ def test_packed_rows_give_the_states_and_gradients_of_the_padded_batch(side, att
     """sdpa: grouped keys and values go in as they are (the tiny model has 2 for 4 heads); sdpa-repeat-kv:
     transformers' path, which repeats them per head."""
     if attn == "sdpa-repeat-kv":
-        monkeypatch.setattr(M, "_SDPA_GQA", False)
+        monkeypatch.setattr(P, "SDPA_GQA", False)
         attn = "sdpa"
     model, tok = tiny_model()
     model.config._attn_implementation = attn
     model.train()
     ids, mask = batch(tok.pad_token_id, side)
-    assert M.shared_prompt_size(ids, mask) == SHARED
-    packed = M.pack_rows(model, ids, mask)
+    assert P.shared_prompt_size(ids, mask) == SHARED
+    packed = P.pack_rows(model, ids, mask)
     assert packed is not None and packed.tokens.shape[1] == int(mask.sum()) - 3 * SHARED
     states = M.hidden_states(model, ids, mask)
-    monkeypatch.setattr(M, "PACK_MAX_TOKENS", 0)  # the padded batch
-    assert M.pack_rows(model, ids, mask) is None
+    monkeypatch.setattr(P, "MAX_TOKENS", 0)  # the padded batch
+    assert P.pack_rows(model, ids, mask) is None
     padded = M.hidden_states(model, ids, mask)
     real = mask.bool()
     torch.testing.assert_close(states[real], padded[real], rtol=1e-5, atol=1e-5)
@@ -62,18 +67,18 @@ def test_rows_are_packed_only_where_it_saves_tokens():
     ids, mask = batch(tok.pad_token_id, "left")
     ids[:, :SHARED] = torch.randint(5, 100, (4, SHARED))  # nothing shared, and little padding
     mask[:] = 1
-    assert M.shared_prompt_size(ids, mask) == 0 and M.pack_rows(model, ids, mask) is None
+    assert P.shared_prompt_size(ids, mask) == 0 and P.pack_rows(model, ids, mask) is None
     ids, mask = batch(tok.pad_token_id, "left")
-    assert M.pack_rows(model, ids[:1], mask[:1]) is None  # one row: nothing to share
+    assert P.pack_rows(model, ids[:1], mask[:1]) is None  # one row: nothing to share
     ones = torch.ones(4, 150, dtype=mask.dtype)
     long = torch.cat([ids, torch.randint(5, 100, (4, 150))], 1)  # 36 + 12 of 720 tokens saved: under 10%
-    assert M.pack_rows(model, long, torch.cat([mask, ones], 1)) is None
+    assert P.pack_rows(model, long, torch.cat([mask, ones], 1)) is None
     right, right_mask = batch(tok.pad_token_id, "right")
     prompt = torch.cat([torch.arange(10, 160).expand(4, 150), right], 1)  # a long shared prompt: 498 of 720 saved
-    packed = M.pack_rows(model, prompt, torch.cat([ones, right_mask], 1))
+    packed = P.pack_rows(model, prompt, torch.cat([ones, right_mask], 1))
     assert packed is not None and packed.tokens.shape[1] == 720 - 12 - 3 * (150 + SHARED)
     model.config.model_type = "gemma"  # only layer stacks known to take a block mask and free positions
-    assert M.pack_rows(model, ids, mask) is None
+    assert P.pack_rows(model, ids, mask) is None
 
 
 def test_lean_mlp_keeps_less_for_backward_with_the_same_values_and_gradients():
@@ -95,12 +100,14 @@ def test_lean_mlp_keeps_less_for_backward_with_the_same_values_and_gradients():
         return states, grads, sum(kept.values())
 
     states, grads, kept = run()
-    with M.lean_mlp():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    with lean_mlp():
         lean_states, lean_grads, lean_kept = run()
-        with M.lean_mlp():  # re-entrant
+        with lean_mlp():  # re-entrant
             pass
-        assert M._MLP_FORWARD
-    assert not M._MLP_FORWARD
+        assert is_patched(LlamaMLP, "forward")
+    assert not is_patched(LlamaMLP, "forward")
     assert torch.equal(states, lean_states)
     for g, lean in zip(grads, lean_grads):
         assert torch.equal(g, lean)

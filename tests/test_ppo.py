@@ -269,7 +269,9 @@ def test_micro_batch_gradients_sum_to_the_whole_minibatch_gradient(sft):
                     device=torch.device("cpu"), autocast=nullcontext, backward=lambda loss: loss.backward(),
                     clip_grad_norm_=torch.nn.utils.clip_grad_norm_,
                 )  # fmt: skip
-                P.update(module, opt, acc, ro, SimpleNamespace(**vars(cfg), micro_batch_size=micro), 0.1, params)
+                state = SimpleNamespace(kl_ctl=SimpleNamespace(value=0.1), trained=params, roles=roles)
+                settings = SimpleNamespace(**vars(cfg), micro_batch_size=micro)
+                P.update(P.PPORun(module, opt, acc, state, settings, emit=None, stop=None), ro)
         finally:
             train_only(sft.lm.model, [])
     assert len(grads[8]) == len(grads[2]) and any(g.abs().sum() > 0 for g in grads[2])
@@ -304,12 +306,14 @@ def test_decode_steps_give_the_logprobs_and_values_of_a_forward_pass(sft):
     assert R.generate(roles, prompts, cfg, seed=3).logprobs is None  # off unless asked for
 
 
+@pytest.mark.fastpath
 def test_shared_frozen_prefix_gives_the_same_hidden_states_and_scores(sft):
     """Bottom layers without adapters run once per rollout; every role's result must equal the full forward."""
     from rlhf_magic.config import LoraConfig
     from rlhf_magic.engine.adapters import add_adapter, train_only, use_adapter
+    from rlhf_magic.engine.fastpath.prefix import frozen_depth, prefix_states
     from rlhf_magic.engine.models import load_model
-    from rlhf_magic.engine.modules import frozen_depth, hidden_states, prefix_states
+    from rlhf_magic.engine.modules import hidden_states
     from rlhf_magic.engine.reward_model import last_token_scores, make_head
 
     lm = load_model("tiny", torch.device("cpu"))  # a private copy: the adapters below stay out of other tests
@@ -344,14 +348,15 @@ def test_shared_frozen_prefix_gives_the_same_hidden_states_and_scores(sft):
     assert frozen_depth(model, [top]) == 0  # a trainable embedding: nothing below the adapters is frozen
 
 
+@pytest.mark.fastpath
 def test_ppo_with_a_shared_prefix_makes_the_same_update(sft, monkeypatch):
     """lora.layers = 1: the bottom layer runs once per rollout; the step must equal the one without sharing."""
-    from rlhf_magic.engine import ppo as ppo_engine
+    from rlhf_magic.engine import fastpath
 
     trained, depths = [], []
-    real = ppo_engine.frozen_depth
+    real = fastpath.prefix_depth
     for share in (True, False):
-        monkeypatch.setattr(ppo_engine, "frozen_depth", real if share else lambda model, adapters: 0)
+        monkeypatch.setattr(fastpath, "prefix_depth", real if share else lambda model, adapters: 0)
         h, params = _seeded_run(f"prefix{share}", sft, steps=2, micro_batch_size=4, lora={"r": 4, "layers": 1})
         depths.append(h.ppo.roles.depth)
         trained.append(params)
@@ -359,9 +364,11 @@ def test_ppo_with_a_shared_prefix_makes_the_same_update(sft, monkeypatch):
     _assert_same(*trained)
 
 
+@pytest.mark.fastpath
 def test_default_micro_batch_holds_a_token_budget_and_grows_when_only_the_top_layers_need_gradients():
     from rlhf_magic.config import PPOConfig
-    from rlhf_magic.engine.ppo import CPU_CHUNK_TOKENS, micro_batch_size
+    from rlhf_magic.engine.fastpath import CPU_CHUNK_TOKENS
+    from rlhf_magic.engine.ppo import micro_batch_size
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cfg = PPOConfig(policy="p", reward=len, prompts=["x"], mini_batch_size=8)
@@ -374,10 +381,11 @@ def test_default_micro_batch_holds_a_token_budget_and_grows_when_only_the_top_la
     assert micro_batch_size(PPOConfig(policy="p", reward=len, prompts=["x"], micro_batch_size=3), cpu, 0.1, 89) == 3
 
 
+@pytest.mark.fastpath
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
 def test_freed_tensor_memory_goes_back_to_the_os_between_micro_batches():
     """glibc keeps freed heap blocks; release_free_memory (called before each micro-batch) hands them back."""
-    from rlhf_magic.engine.runtime import _malloc_trim, release_free_memory
+    from rlhf_magic.engine.fastpath.cpu_pool import _malloc_trim, release_free_memory
 
     if _malloc_trim() is None:
         pytest.skip("not glibc: nothing to trim")
@@ -389,39 +397,39 @@ def test_freed_tensor_memory_goes_back_to_the_os_between_micro_batches():
     pin = torch.ones(16 * 1024)  # allocated after them, so the heap cannot simply shrink from the top
     del blocks
     held = rss_mib()
-    release_free_memory(torch.device("cuda"))  # another device: nothing happens
-    assert rss_mib() > held - 20
-    release_free_memory(torch.device("cpu"))
+    release_free_memory()
     assert rss_mib() < held - 100, (held, rss_mib())
     del pin
 
 
+@pytest.mark.fastpath
 def test_ppo_on_packed_rows_makes_the_same_update(sft, monkeypatch):
     """The chat prompt every answer starts with runs once per forward and padding not at all: the same step."""
-    from rlhf_magic.engine import modules
+    from rlhf_magic.engine.fastpath import packing
 
     trained, packed = [], []
-    real, limit = modules.pack_rows, modules.PACK_MAX_TOKENS
+    real, limit = packing.pack_rows, packing.MAX_TOKENS
 
     def spy(*args):
         out = real(*args)
         packed.append(out is not None)
         return out
 
-    monkeypatch.setattr(modules, "pack_rows", spy)
+    monkeypatch.setattr(packing, "pack_rows", spy)
     trained.append(_seeded_run("packed", sft, steps=2, micro_batch_size=4)[1])
     assert packed and all(packed)  # every policy, reference and update forward ran on packed rows
     packed.clear()
-    monkeypatch.setattr(modules, "PACK_MAX_TOKENS", 0)
+    monkeypatch.setattr(packing, "MAX_TOKENS", 0)
     trained.append(_seeded_run("padded", sft, steps=2, micro_batch_size=4)[1])
     assert packed and not any(packed) and limit > 0
     _assert_same(*trained)
 
 
+@pytest.mark.fastpath
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU memory pool needs g++")
 def test_ppo_in_the_cpu_memory_pool_makes_the_same_update(sft, monkeypatch):
     """Every tensor of the update through the pool (any size): reused blocks must not change a single weight."""
-    from rlhf_magic.engine import cpu_pool
+    from rlhf_magic.engine.fastpath import cpu_pool
 
     trained, hits = [], []
     for pool in (True, False):

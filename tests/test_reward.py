@@ -237,7 +237,7 @@ def _other_tokenizer_policy(runtime) -> PolicyHandle:
     lm = runtime.load("tiny")
     tok = copy.deepcopy(lm.tokenizer)
     tok.add_tokens(["<|extra|>"])
-    return PolicyHandle("other", "sft", LoadedModel("tiny-extra", lm.model, tok, "tiny"), None, None, (), runtime)
+    return PolicyHandle("other", "sft", LoadedModel("tiny-extra", lm.model, tok, "tiny"), runtime=runtime)
 
 
 GOOD = {"prompt": "p0", "responses": ["a", "b"], "ranking": [1, 0]}
@@ -276,7 +276,7 @@ def test_bad_input_is_one_usage_error_line_naming_the_record(ip, capsys, data, m
 
 def test_the_tokenizer_check_passes_when_the_policy_shares_the_tokenizer(runtime):
     lm = runtime.load("tiny")
-    same = PolicyHandle("sft", "sft", lm, None, None, (), runtime)
+    same = PolicyHandle("sft", "sft", lm, runtime=runtime)
     prefs = Preferences.from_records([{**GOOD, "policy": "sft"}])
     cfg = RewardConfig(model="tiny", data=prefs)
     R.check_tokenizers(prefs, lm, cfg, {"sft": same})
@@ -294,7 +294,7 @@ def test_bad_settings_are_one_line_errors(setting, message):
 
 
 def test_a_stacked_adapter_policy_cannot_seed_a_lora_reward_model(runtime):
-    ppo = PolicyHandle("ppo", "ppo", runtime.load("tiny"), ["sft-1", "ppo-2"], None, (), runtime)
+    ppo = PolicyHandle("ppo", "ppo", runtime.load("tiny"), runtime=runtime, adapter=["sft-1", "ppo-2"])
     with pytest.raises(ConfigError, match="model = ppo: a policy of stacked adapters"):
         train(model=ppo, data=[GOOD])
 

@@ -104,10 +104,11 @@ class PolicyHandle(Handle):
         name: str,
         stage: str,
         lm: LoadedModel,
-        adapter: str | None,
-        config: Any,
-        parents: Iterable[str],
+        *,
         runtime: Runtime,
+        adapter: Any = None,
+        config: Any = None,
+        parents: Iterable[str] = (),
         chat: bool = True,
     ):
         super().__init__(name, stage, config, parents, runtime)
@@ -147,7 +148,7 @@ class PolicyHandle(Handle):
         """`k` answers per prompt, all sampled in one batched call."""
         if not prompts:
             return []
-        with use_adapter(self.lm, self.adapter):
+        with use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope():
             out = sample(
                 self.lm,
                 list(prompts),
@@ -181,7 +182,7 @@ class PolicyHandle(Handle):
             for j, a in enumerate(answers):
                 a_ids[j, : len(a)], a_mask[j, : len(a)] = torch.tensor(a), 1
             a_ids, a_mask = a_ids.to(q_ids.device), a_mask.to(q_ids.device)
-            with use_adapter(self.lm, self.adapter), self.runtime.autocast():
+            with use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope(), self.runtime.autocast():
                 ids, mask = torch.cat([q_ids, a_ids], 1), torch.cat([q_mask, a_mask.long()], 1)
                 lp = response_logprobs(self.lm.model, ids, mask, q_ids.shape[1]).logprobs
             out += (lp * a_mask).sum(1).tolist()

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..events import Emitter, StopControl
-from .adapters import lean_lora
+from . import fastpath
 from .runtime import Runtime
 
 
@@ -63,20 +63,18 @@ class TrainState:
         runtime: Runtime,
         module: torch.nn.Module,
         params: list[torch.nn.Parameter],
+        *,
+        cfg: Any,
         lr: float,
-        grad_accum: int,
-        seed: int,
         dataset: Sequence[Any],
-        batch_size: int,
         collate: Callable,
-        epochs: float,
-        max_steps: int | None,
     ) -> TrainState:
-        acc = runtime.accelerator(grad_accum)
-        gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=gen)
-        per_epoch = max(1, math.ceil(len(loader) / acc.num_processes / grad_accum))
-        total = max_steps or max(1, math.ceil(per_epoch * epochs))
+        """`cfg`: the stage's settings (grad_accum, seed, batch_size, epochs, max_steps)."""
+        acc = runtime.accelerator(cfg.grad_accum)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(list(dataset), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+        per_epoch = max(1, math.ceil(len(loader) / acc.num_processes / cfg.grad_accum))
+        total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
         opt = make_optimizer(params, lr, runtime.device)
         sched = linear_schedule(opt, total)
         with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
@@ -101,7 +99,7 @@ def run_steps(
     eval_every = max(1, math.ceil(state.total_steps / 6))  # about six held-out points a run: evals cost forwards
     sums: dict[str, torch.Tensor] = {}
     micro, tokens, t0 = 0, 0, time.monotonic()
-    with lean_lora():  # peft's LoRA layers as one addmm each: the same sums, fewer temporaries
+    with fastpath.lean_layers():
         while state.step < state.total_steps and not stop.requested:
             for batch in state.loader:
                 with acc.accumulate(state.module):

@@ -21,20 +21,20 @@ from torch import nn
 
 from .. import ops
 from ..config import PPOConfig
+from ..data import read_prompts
 from ..errors import ConfigError
 from ..events import Callback, Emitter, StopControl
-from . import cpu_bf16, cpu_pool
+from . import fastpath
 from . import rollout as R
-from .adapters import adapter_parameters, add_adapter, lean_lora, train_only, use_adapter
-from ..data import read_prompts
+from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
 from .generation import encode_prompts
 from .handles import PolicyHandle
 from .loop import make_optimizer
 from .models import LoadedModel
-from .modules import PolicyValue, frozen_depth, lean_mlp
+from .modules import PolicyValue
 from .ppo_monitor import Monitor, step_metrics
 from .reward_model import RewardHandle, make_head
-from .runtime import Runtime, release_free_memory, seed_everything
+from .runtime import Runtime, in_runtime_scope, seed_everything
 
 
 @dataclass
@@ -53,23 +53,33 @@ class PPOState:
 class PPOHandle(PolicyHandle):
     """A PPO policy: a policy handle plus the state that `resume = True` continues from."""
 
-    def __init__(
-        self,
-        name: str,
-        lm: LoadedModel,
-        adapter: Any,
-        config: Any,
-        parents: Sequence[str],
-        runtime: Runtime,
-        state: PPOState,
-    ):
-        super().__init__(name, "ppo", lm, adapter, config, parents, runtime)
+    def __init__(self, name: str, lm: LoadedModel, *, state: PPOState, **handle: Any):
+        super().__init__(name, "ppo", lm, **handle)
         self.ppo = state
 
     def trainable_parameters(self) -> list[Any]:
         return list(self.ppo.trained)
 
 
+@dataclass
+class PPORun:
+    """What every step of one run shares: the prepared module and optimizer, the roles and the settings."""
+
+    module: PolicyValue
+    optimizer: Any
+    acc: Any
+    state: PPOState
+    cfg: PPOConfig
+    emit: Emitter
+    stop: StopControl
+    share: float = 1.0  # the share of the layers that run with gradients (above a shared frozen prefix)
+
+    @property
+    def roles(self) -> R.Roles:
+        return self.state.roles
+
+
+@in_runtime_scope
 def train_ppo(
     cfg: PPOConfig,
     name: str,
@@ -86,25 +96,18 @@ def train_ppo(
     handle = previous if previous is not None else _new_handle(cfg, name, runtime)
     state, roles = handle.ppo, handle.ppo.roles
     train_only(roles.lm.model, state.trained)
-    roles.depth = frozen_depth(roles.lm.model, roles.adapters)  # after train_only: what is trainable is known
+    roles.depth = fastpath.prefix_depth(roles.lm.model, roles.adapters)  # after train_only: the trainables are known
     # 2. optimizer (restored on resume) and accelerate
-    lr = cfg.lr or (1e-4 if cfg.lora else 3e-6)
-    acc = runtime.accelerator(1)
-    optimizer = make_optimizer(state.trained, lr, runtime.device)
-    if state.optimizer_state:
-        optimizer.load_state_dict(state.optimizer_state)
-    with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
-        warnings.simplefilter("ignore", FutureWarning)
-        module, optimizer = acc.prepare(PolicyValue(roles.lm.model, state.value_head), optimizer)
+    run = _prepare(cfg, runtime, state, emit, stop)
     emit.total = state.step + cfg.steps
     emit("start", state.step, payload={"config": cfg, "prompts": len(prompts), "handle": handle})
     order = _prompt_order(len(prompts), cfg.seed + state.step)
     try:
-        with stop.catch_interrupt(), use_adapter(roles.lm, handle.adapter), lean_lora(), lean_mlp():
+        with stop.catch_interrupt(), use_adapter(roles.lm, handle.adapter), fastpath.lean_layers(mlp=True):
             # 3. the loop: one rollout and its PPO epochs per step, metrics and warnings after each
             for _ in range(cfg.steps):
                 batch = [prompts[order[(state.step * cfg.batch_size + i) % len(order)]] for i in range(cfg.batch_size)]
-                row = ppo_step(module, optimizer, acc, roles, state, cfg, batch, emit, stop)
+                row = ppo_step(run, batch)
                 if row is None:
                     break
                 state.step += 1
@@ -114,8 +117,8 @@ def train_ppo(
                     break
     finally:
         train_only(roles.lm.model, [])
-        state.optimizer_state = optimizer.state_dict()
-        acc.free_memory()
+        state.optimizer_state = run.optimizer.state_dict()
+        run.acc.free_memory()
     # 4. the result
     handle.metrics.summary.update(_summary(handle, stop))
     emit("end", state.step, payload={"reason": stop.reason or "done"})
@@ -124,157 +127,151 @@ def train_ppo(
     return handle
 
 
-def ppo_step(
-    module: PolicyValue,
-    optimizer: Any,
-    acc: Any,
-    roles: R.Roles,
-    state: PPOState,
-    cfg: PPOConfig,
-    prompts: list[str],
-    emit: Emitter,
-    stop: StopControl,
-) -> dict[str, float] | None:
+def _prepare(cfg: PPOConfig, runtime: Runtime, state: PPOState, emit: Emitter, stop: StopControl) -> PPORun:
+    lr = cfg.lr or (1e-4 if cfg.lora else 3e-6)
+    acc = runtime.accelerator(1)
+    optimizer = make_optimizer(state.trained, lr, runtime.device)
+    if state.optimizer_state:
+        optimizer.load_state_dict(state.optimizer_state)
+    with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
+        warnings.simplefilter("ignore", FutureWarning)
+        module, optimizer = acc.prepare(PolicyValue(state.roles.lm.model, state.value_head), optimizer)
+    share = fastpath.trained_share(state.roles.lm.model, state.roles.depth)
+    return PPORun(module, optimizer, acc, state, cfg, emit, stop, share)
+
+
+def ppo_step(run: PPORun, prompts: list[str]) -> dict[str, float] | None:
     """One rollout and its updates. Returns the step's metrics, or None when the rewards were not finite."""
+    roles, state, cfg = run.roles, run.state, run.cfg
     t0 = time.monotonic()
-    module.eval()  # generation and scoring; dropout is off anyway
-    layers = getattr(roles.lm.model.config, "num_hidden_layers", 0) or 1
-    share = (layers - roles.depth) / layers if roles.depth > 0 else 1.0  # layers that run with gradients
-    # step 3 from the decode steps when the update runs in chunks (else epoch 1's forward gives it for free)
-    width = max(map(len, encode_prompts(roles.lm, prompts))) + cfg.max_new_tokens  # the longest possible row
-    capture = min(micro_batch_size(cfg, acc.device, share, width), cfg.mini_batch_size) < len(prompts)
-    capture = capture and getattr(acc, "mixed_precision", "no") == "no"  # fp32: decode and forward agree
-    ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step, capture=capture)
+    run.module.eval()  # generation and scoring; dropout is off anyway
+    # 1-3. sample; the policy's logprobs (and values) come from the decode steps where the fast path keeps them
+    ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step, capture=_capture(run, prompts))
     if ro.hidden is not None:
         with torch.no_grad():
             ro.values = state.value_head(ro.hidden.float()).squeeze(-1)
         ro.hidden = None
     t_gen = time.monotonic() - t0
+    # 4-6. reference logprobs and scores
     R.share_prefix(roles, ro)
     ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
     R.score(roles, ro, cfg.missing_eos_penalty)
     bad = R.first_bad_score(ro.scores)
     if bad is not None:
-        stop.request(
+        run.stop.request(
             f"the reward was {float(ro.scores[bad])} for answer {bad} ({ro.texts[bad][:60]!r}); the "
             f"result keeps the policy of step {state.step}"
         )
-        emit("warning", state.step, payload=stop.reason)
+        run.emit("warning", state.step, payload=run.stop.reason)
         return None
-    module.train()
-    # the prepared module's forward runs under accelerate's autocast; the chunks reuse each other's memory
-    with cpu_bf16.kernels_for(acc), cpu_pool.pooled(acc.device):
-        stats = update(module, optimizer, acc, ro, cfg, state.kl_ctl.value, state.trained, share)
+    # 7-8 and the PPO epochs (the prepared module's forward runs under accelerate's autocast)
+    run.module.train()
     kl_coef = state.kl_ctl.value
+    with fastpath.update(run.acc):
+        stats = update(run, ro)
     state.kl_ctl.update(float((ro.kl.sum(1)).mean()), len(prompts))
     row = step_metrics(ro, stats, kl_coef, cfg, time.monotonic() - t0, t_gen)
-    emit("samples", state.step + 1, payload=_samples(ro))
+    run.emit("samples", state.step + 1, payload=_samples(ro))
     for warning in state.monitor.check(row, cfg):
-        emit("warning", state.step + 1, payload=warning)
+        run.emit("warning", state.step + 1, payload=warning)
     return row
 
 
-def update(
-    module: PolicyValue,
-    optimizer: Any,
-    acc: Any,
-    ro: R.Rollout,
-    cfg: PPOConfig,
-    kl_coef: float,
-    params: list[nn.Parameter],
-    trained_share: float = 1.0,
-) -> dict[str, list[float]]:
-    """num_ppo_epochs passes of minibatches, each minibatch in micro-batches (gradients add up to the same step).
+def update(run: PPORun, ro: R.Rollout) -> dict[str, list[float]]:
+    """num_ppo_epochs passes over the rollout in minibatches; each minibatch is one optimizer step, computed in
+    micro-batches whose gradients add up to the minibatch's.
 
     When one micro-batch holds the whole batch, epoch 1 reuses its own forward pass as the rollout's logprobs and
     values (the weights have not changed yet), which saves a full forward pass."""
-    n = ro.input_ids.shape[0]
+    cfg, n = run.cfg, ro.input_ids.shape[0]
     mbs = min(cfg.mini_batch_size, n)
-    micro = min(micro_batch_size(cfg, acc.device, trained_share, ro.input_ids.shape[1]), mbs)
+    micro = min(micro_batch_size(cfg, run.acc.device, run.share, ro.input_ids.shape[1]), mbs)
     micro = -(-mbs // -(-mbs // micro))  # chunks of even size: 8 answers at most 7 a chunk run as 4 + 4, not 7 + 1
-    stats: dict[str, list[float]] = {}
     merged = micro >= n
-    if not merged and ro.logprobs is None:  # else: logprobs and values captured while sampling
-        with torch.no_grad(), acc.autocast():
-            for idx in torch.arange(n).split(micro):
-                lp, v, _ = R.policy_forward(module, _rows(ro, idx), cfg.temperature, entropy=False)
-                ro.logprobs = lp if ro.logprobs is None else torch.cat([ro.logprobs, lp])
-                ro.values = v.float() if ro.values is None else torch.cat([ro.values, v.float()])
     if not merged:
-        R.advantages(ro, cfg, kl_coef)
+        _old_logprobs_and_values(run, ro, micro)
+        R.advantages(ro, cfg, run.state.kl_ctl.value)
+    stats: dict[str, list[float]] = {}
     for epoch in range(cfg.num_ppo_epochs):
         perm = torch.arange(n) if merged else torch.randperm(n)
-        for i in range(0, n, mbs):
-            _minibatch(
-                module,
-                perm[i : i + mbs],
-                micro,
-                ro,
-                cfg,
-                kl_coef,
-                optimizer,
-                acc,
-                params,
-                stats,
-                first=merged and epoch == 0,
-                entropy=epoch == 0,
-            )
+        for start in range(0, n, mbs):
+            idx = perm[start : start + mbs]
+            _minibatch(run, ro, idx, micro=micro, first=merged and epoch == 0, entropy=epoch == 0, stats=stats)
     return stats
 
 
-CPU_CHUNK_TOKENS = 768  # tokens per chunk that run every layer with gradients, on a CPU (see micro_batch_size)
-
-
-def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0, row_tokens: int = 0) -> int:
-    """Answers per forward/backward chunk: cfg.micro_batch_size, else the whole minibatch on an accelerator and,
-    on a CPU, as many rows of `row_tokens` tokens as keep about CPU_CHUNK_TOKENS tokens running with gradients.
-    That bounds peak memory: 8 answers of 41 + 48 tokens of SmolLM2-135M with LoRA run as one chunk, and the
-    process peaks at ~1.5x one copy of the model in inference (1.2x in chunks of 4, ~10% slower). With a shared
-    frozen prefix only the top `trained_share` of the layers run with gradients, so more rows fit."""
-    if cfg.micro_batch_size:
-        return cfg.micro_batch_size
-    if getattr(device, "type", str(device)) != "cpu":
-        return cfg.mini_batch_size
-    per_row = max(row_tokens, 1) * max(trained_share, 1e-3)
-    return max(1, int(CPU_CHUNK_TOKENS // per_row))
-
-
-def _minibatch(module, idx, micro, ro, cfg, kl_coef, optimizer, acc, params, stats, first, entropy) -> None:  # type: ignore[no-untyped-def]
+def _minibatch(
+    run: PPORun, ro: R.Rollout, idx: torch.Tensor, *, micro: int, first: bool, entropy: bool, stats: dict
+) -> None:
     """One optimizer step over the minibatch `idx`; each chunk's loss is weighted by its share of the tokens,
     so the summed gradients equal those of the minibatch's masked-mean loss."""
+    cfg, acc = run.cfg, run.acc
     total = ro.mask[idx].sum().clamp_min(1)
     rows: dict[str, float] = {}
     for chunk in idx.split(micro):
-        release_free_memory(acc.device)  # the last chunk's activations: back to the OS before the next forward
-        with acc.autocast(), cpu_bf16.saved_activations():
-            lp, v, ent = R.policy_forward(module, _rows(ro, chunk), cfg.temperature, entropy=entropy)
-        if first:
+        with acc.autocast(), fastpath.chunk(acc.device):
+            lp, v, ent = R.policy_forward(run.module, _rows(ro, chunk), cfg.temperature, entropy=entropy)
+        if first:  # the weights have not moved yet: this forward is the rollout's own
             ro.logprobs, ro.values = lp.detach(), v.detach().float()
-            R.advantages(ro, cfg, kl_coef)
+            R.advantages(ro, cfg, run.state.kl_ctl.value)
         mask, share = ro.mask[chunk], float(ro.mask[chunk].sum() / total)
         pg = ops.clipped_surrogate_loss(lp, ro.logprobs[chunk], ro.advantages[chunk], mask, cfg.cliprange)
         vf_loss, vf_clip = ops.clipped_value_loss(
             v.float(), ro.values[chunk], ro.returns[chunk], mask, cfg.cliprange_value
         )
         acc.backward((pg.loss + cfg.vf_coef * vf_loss) * share)
-        for key, val in {
-            "policy/loss": pg.loss,
-            "policy/clipfrac": pg.clipfrac,
-            "policy/approxkl": pg.approx_kl,
-            "val/loss": vf_loss,
-            "val/clipfrac": vf_clip,
-        }.items():
-            rows[key] = rows.get(key, 0.0) + float(val.detach()) * share
-        rows["policy/ratio_max"] = max(rows.get("policy/ratio_max", 0.0), float(pg.ratio_max))
+        _add_chunk_stats(rows, share, pg, vf_loss, vf_clip)
         if ent is not None:
             rows["policy/entropy"] = rows.get("policy/entropy", 0.0) + float(ops.masked_mean(ent, mask)) * share
-    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+    grad_norm = acc.clip_grad_norm_(run.state.trained, cfg.max_grad_norm)
     if torch.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     rows["grad_norm"] = float(grad_norm)
     for key, val in rows.items():
         stats.setdefault(key, []).append(val)
+
+
+def _add_chunk_stats(rows: dict[str, float], share: float, pg: Any, vf_loss: Any, vf_clip: Any) -> None:
+    for key, val in {
+        "policy/loss": pg.loss,
+        "policy/clipfrac": pg.clipfrac,
+        "policy/approxkl": pg.approx_kl,
+        "val/loss": vf_loss,
+        "val/clipfrac": vf_clip,
+    }.items():
+        rows[key] = rows.get(key, 0.0) + float(val.detach()) * share
+    rows["policy/ratio_max"] = max(rows.get("policy/ratio_max", 0.0), float(pg.ratio_max))
+
+
+@torch.no_grad()
+def _old_logprobs_and_values(run: PPORun, ro: R.Rollout, micro: int) -> None:
+    """Step 3 by forward passes in chunks, where sampling did not keep the policy's logprobs and values."""
+    if ro.logprobs is not None:
+        return
+    with run.acc.autocast():
+        for idx in torch.arange(ro.input_ids.shape[0]).split(micro):
+            lp, v, _ = R.policy_forward(run.module, _rows(ro, idx), run.cfg.temperature, entropy=False)
+            ro.logprobs = lp if ro.logprobs is None else torch.cat([ro.logprobs, lp])
+            ro.values = v.float() if ro.values is None else torch.cat([ro.values, v.float()])
+
+
+def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0, row_tokens: int = 0) -> int:
+    """Answers per forward/backward chunk: cfg.micro_batch_size, else what the CPU fast path keeps in bounded
+    memory (rows of `row_tokens` tokens, `trained_share` of the layers with gradients), else the whole minibatch."""
+    if cfg.micro_batch_size:
+        return cfg.micro_batch_size
+    return fastpath.chunk_rows(device, trained_share, row_tokens) or cfg.mini_batch_size
+
+
+def _capture(run: PPORun, prompts: list[str]) -> bool:
+    """Whether sampling keeps the policy's logprobs and hidden states: where the update will run in chunks (else
+    epoch 1's forward gives them for free)."""
+    cfg, acc = run.cfg, run.acc
+    width = max(map(len, encode_prompts(run.roles.lm, prompts))) + cfg.max_new_tokens  # the longest possible row
+    chunked = min(micro_batch_size(cfg, acc.device, run.share, width), cfg.mini_batch_size) < len(prompts)
+    mixed = getattr(acc, "mixed_precision", "no")
+    return fastpath.capture_while_sampling(acc.device, chunked=chunked, mixed_precision=mixed)
 
 
 def _rows(ro: R.Rollout, idx: torch.Tensor) -> R.Rollout:
@@ -321,7 +318,7 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     roles.bf16_weights = runtime.precision == "bf16"
     rm = cfg.reward if isinstance(cfg.reward, RewardHandle) and cfg.reward.lm is lm else None
     roles.adapters = (*_as_list(policy), *(_as_list(reference) if ref_lm is lm else []), *_as_list(rm and rm.adapter))
-    from ..ops import AdaptiveKLController, FixedKLController
+    from .kl_control import AdaptiveKLController, FixedKLController
 
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -330,7 +327,7 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     )
     state = PPOState(roles, value_head, trained + list(value_head.parameters()), kl_ctl)
     parents = (pol.name, getattr(cfg.reward, "name", getattr(cfg.reward, "__name__", "reward")))
-    return PPOHandle(name, lm, policy, cfg, parents, runtime, state)
+    return PPOHandle(name, lm, state=state, runtime=runtime, adapter=policy, config=cfg, parents=parents)
 
 
 def _as_list(adapter: Any) -> list[str]:

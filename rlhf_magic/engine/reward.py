@@ -23,7 +23,7 @@ from .handles import PolicyHandle
 from .loop import TrainState, run_steps
 from .models import LoadedModel
 from .reward_model import RankingLoss, RewardHandle, answer_ids, make_head, right_pad
-from .runtime import Runtime, seed_everything
+from .runtime import Runtime, in_runtime_scope, seed_everything
 from .sft import resolve_start
 
 NORM_PROMPTS, NORM_SAMPLES = 16, 2  # SFT answers scored for the normalisation: 2 per prompt, up to 16 prompts
@@ -41,6 +41,7 @@ class Item:
     groups: list[list[int]]
 
 
+@in_runtime_scope
 def train_reward(
     cfg: RewardConfig,
     name: str,
@@ -63,8 +64,9 @@ def train_reward(
     # 3. trainables: a fresh scalar head and the adapter (a copy of the SFT adapter), or every backbone weight
     head = make_head(lm.model.config.hidden_size, runtime.device)
     adapter = add_adapter(lm, f"{name}-rm", cfg.lora, init_from=init_from) if cfg.lora else None
+    lineage = (*parents, data_source(cfg.data, prefs))
     handle = RewardHandle(
-        name, lm, adapter, head, cfg, (*parents, data_source(cfg.data, prefs)), runtime, cfg.max_length
+        name, lm, head, runtime=runtime, adapter=adapter, config=cfg, parents=lineage, max_length=cfg.max_length
     )
     # 4. answers of the SFT policy for the normalisation, sampled before any weight moves
     norm = sample_sft(lm, init_from, runtime, [it.prompt for it in train], cfg.seed) if cfg.normalize else None
@@ -72,10 +74,9 @@ def train_reward(
     params = handle.trainable_parameters()
     train_only(lm.model, params)
     pad = lm.tokenizer.pad_token_id
-    state = TrainState.build(
-        runtime, RankingLoss(lm.model, head, cfg.margin), params, cfg.lr or (1e-4 if cfg.lora else 1e-5),
-        cfg.grad_accum, cfg.seed, train, cfg.batch_size, lambda b: collate(b, pad), cfg.epochs, cfg.max_steps,
-    )  # fmt: skip
+    lr = cfg.lr or (1e-4 if cfg.lora else 1e-5)
+    loss = RankingLoss(lm.model, head, cfg.margin)
+    state = TrainState.build(runtime, loss, params, cfg=cfg, lr=lr, dataset=train, collate=lambda b: collate(b, pad))
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
     # 6. the loop, with held-out accuracy about six times a run; eval mode keeps every dropout off
@@ -127,8 +128,8 @@ def check_config(cfg: RewardConfig) -> None:
 
 def to_preferences(data: Any) -> Any:
     """Preferences, a RankingPanel, records (rankings or pairs), a Dataset, a DataFrame or a path -> Preferences."""
-    from ..preferences import Preferences
     from ..data import read_records
+    from ..preferences import Preferences
 
     if hasattr(type(data), "preferences"):  # a RankingPanel hands over what was labelled
         data = data.preferences
@@ -247,7 +248,7 @@ def sample_sft(
     lm: LoadedModel, adapter: str | None, runtime: Runtime, prompts: list[str], seed: int
 ) -> tuple[list[str], list[str]]:
     """(prompts, answers) sampled from the SFT policy, i.e. the weights training starts from, on training prompts."""
-    sft = PolicyHandle("sft", "sft", lm, adapter, None, (), runtime)
+    sft = PolicyHandle("sft", "sft", lm, runtime=runtime, adapter=adapter)
     unique = sorted(set(prompts))
     chosen = random.Random(seed).sample(unique, min(NORM_PROMPTS, len(unique)))
     answers = sft.sample(chosen, NORM_SAMPLES, max_new_tokens=48, temperature=0.7, seed=seed)

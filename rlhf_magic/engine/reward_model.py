@@ -14,9 +14,10 @@ from torch import nn
 from .. import ops
 from ..errors import DataError, ModelError
 from .adapters import adapter_parameters, merged_copy, use_adapter
+from .fastpath import Prefix
 from .handles import Handle, atomic_dir, config_summary
 from .models import LoadedModel
-from .modules import Prefix, hidden_states
+from .modules import hidden_states
 from .runtime import Runtime
 from .text import encode, format_prompt
 
@@ -81,11 +82,12 @@ class RewardHandle(Handle):
         self,
         name: str,
         lm: LoadedModel,
-        adapter: str | None,
         head: nn.Linear,
-        config: Any,
-        parents: Iterable[str],
+        *,
         runtime: Runtime,
+        adapter: str | None = None,
+        config: Any = None,
+        parents: Iterable[str] = (),
         max_length: int = 512,
     ):
         super().__init__(name, "reward", config, parents, runtime)
@@ -120,7 +122,7 @@ class RewardHandle(Handle):
         was_training = model.training
         model.eval()
         try:
-            with use_adapter(self.lm, self.adapter), self.runtime.autocast():
+            with use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope(), self.runtime.autocast():
                 return last_token_scores(model, self.head, ids, mask, prefix).float()
         finally:
             model.train(was_training)
@@ -196,16 +198,9 @@ def load_reward(path: str | Path, runtime: Runtime, name: str | None = None) -> 
     lm = runtime.load_fresh(str(path))
     head = make_head(lm.model.config.hidden_size, runtime.device)
     head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device))
-    handle = RewardHandle(
-        name or meta.get("name", "reward"),
-        lm,
-        None,
-        head,
-        None,
-        meta.get("parents", []),
-        runtime,
-        int(meta.get("max_length", 512)),
-    )
+    name = name or meta.get("name", "reward")
+    parents, max_length = meta.get("parents", []), int(meta.get("max_length", 512))
+    handle = RewardHandle(name, lm, head, runtime=runtime, parents=parents, max_length=max_length)
     handle.mean, handle.gain = float(meta.get("mean", 0.0)), float(meta.get("gain", 1.0))
     handle.metrics.summary.update(meta.get("metrics") or {})
     return handle

@@ -17,10 +17,11 @@ import torch
 
 from .. import ops
 from ..errors import ConfigError
+from . import fastpath
 from .adapters import use_adapter
 from .generation import sample
 from .models import LoadedModel
-from .modules import PolicyValue, Prefix, prefix_states, response_logprobs
+from .modules import PolicyValue, response_logprobs
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Roles:
     score: Callable[..., torch.Tensor]  # (prompts, texts, ids, mask, prefix) -> scores
     autocast: Any
     adapters: tuple[str, ...] = ()  # every adapter a role uses on lm (policy, reference, a same-base reward model)
-    depth: int = 0  # bottom layers that no role adapts: computed once per rollout and shared (0: off)
+    depth: int = 0  # bottom layers that no role adapts, computed once per rollout on the fast path (0: off)
     bf16_weights: bool = False  # precision 'bf16' on a CPU: sampling reads the frozen weights' bf16 copies
 
 
@@ -55,7 +56,7 @@ class Rollout:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
-    prefix: Prefix | None = None  # the shared frozen-prefix hidden states of these rows
+    prefix: fastpath.Prefix | None = None  # the shared frozen-prefix hidden states of these rows
     hidden: torch.Tensor | None = None  # [B, Tr, H] captured while sampling: the states that predicted each token
 
     @property
@@ -68,7 +69,7 @@ def share_prefix(roles: Roles, ro: Rollout) -> None:
     """The bottom `roles.depth` layers' hidden states of the rollout's tokens, once for every role and epoch."""
     if roles.depth > 0:
         with roles.autocast():
-            ro.prefix = prefix_states(roles.lm.model, ro.input_ids, ro.attention_mask, roles.depth)
+            ro.prefix = fastpath.prefix_states(roles.lm.model, ro.input_ids, ro.attention_mask, roles.depth)
 
 
 def generate(roles: Roles, prompts: list[str], cfg: Any, seed: int, capture: bool = False) -> Rollout:
@@ -111,7 +112,8 @@ def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.T
     prefix = ro.prefix if roles.ref_lm is roles.lm else None
     with use_adapter(roles.ref_lm, roles.reference), roles.autocast():
         model = roles.ref_lm.model
-        return response_logprobs(model, ro.input_ids, ro.attention_mask, ro.start, prefix, temperature).logprobs
+        lp = response_logprobs(model, ro.input_ids, ro.attention_mask, ro.start, prefix=prefix, temperature=temperature)
+        return lp.logprobs
 
 
 def score(roles: Roles, ro: Rollout, penalty: float | None) -> None:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError
-from . import cpu_pool
+from . import fastpath
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -63,48 +64,38 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def release_free_memory(device: Any) -> None:
-    """On a CPU with glibc, hand the pages of freed tensors back to the OS (`malloc_trim`).
-
-    CPU tensors come from malloc, and glibc keeps freed blocks in its heap; between the micro-batches of a training
-    step the freed activations leave holes that the next forward pass only partly reuses, so the process grows by
-    far more than its live tensors. Trimming between micro-batches keeps peak RSS near what is actually live."""
-    if getattr(device, "type", str(device)) != "cpu" or cpu_pool.active():  # the pool keeps its blocks for reuse
-        return
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
-        return None
-
-
 class Runtime:
     """Device, precision and cached models shared by every stage of a session."""
 
-    def __init__(self, device: str | None = None, precision: str | None = None):
+    def __init__(self, device: str | None = None, precision: str | None = None, fast_path: bool = True):
         self.device = pick_device(device)
         self.precision = pick_precision(self.device, precision)
+        self.fast_path = fast_path  # the CPU fast path (engine/fastpath), where the environment allows it
         self._models: dict[str, LoadedModel] = {}
         self._accelerator: Accelerator | None = None
         self._acc_key: tuple | None = None
 
     def __repr__(self) -> str:
-        return f"Runtime(device={self.device.type!r}, precision={self.precision!r}, models={list(self._models)})"
+        return (
+            f"Runtime(device={self.device.type!r}, precision={self.precision!r}, fast_path={self.fast_path}, "
+            f"models={list(self._models)})"
+        )
 
-    def with_overrides(self, device: str | None, precision: str | None) -> Runtime:
-        """This runtime, or a new one when a stage asks for another device or precision."""
+    def with_overrides(self, device: str | None, precision: str | None, fast_path: bool | None = None) -> Runtime:
+        """This runtime, or a new one when a stage asks for another device, precision or fast-path setting."""
+        fast_path = self.fast_path if fast_path is None else fast_path
         if (device is None or device == self.device.type) and (precision is None or precision == self.precision):
-            return self
-        return Runtime(device or self.device.type, precision or (self.precision if device is None else None))
+            if fast_path == self.fast_path:
+                return self
+            new = copy.copy(self)  # the same models and accelerate object: the switch loads nothing again
+            new.fast_path = fast_path
+            return new
+        precision = precision or (self.precision if device is None else None)
+        return Runtime(device or self.device.type, precision, fast_path)
+
+    def fast_path_scope(self) -> contextlib.AbstractContextManager[None]:
+        """Inside, engine calls take the CPU fast path where this runtime allows it (engine/fastpath)."""
+        return fastpath.scope(self.fast_path, self.device)
 
     # ---------------------------------------------------------------------------------------- accelerate
     def accelerator(self, grad_accum: int = 1) -> Accelerator:
@@ -132,14 +123,8 @@ class Runtime:
         if self.precision == "fp32" or self.device.type == "mps":
             yield
             return
-        if self.device.type == "cpu":  # bf16 (fp16 is refused on a CPU)
-            from .cpu_bf16 import autocast
-
-            with autocast():
-                yield
-            return
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        with torch.autocast(self.device.type, dtype=dtype):
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16  # fp16 is refused on a CPU
+        with fastpath.bf16_kernels(self.device, self.precision), torch.autocast(self.device.type, dtype=dtype):
             yield
 
     # ---------------------------------------------------------------------------------------- models
@@ -166,10 +151,23 @@ class Runtime:
             torch.cuda.empty_cache()
 
 
-def resolve_runtime(*candidates: Any, device: str | None = None, precision: str | None = None) -> Runtime:
+def resolve_runtime(
+    *candidates: Any, device: str | None = None, precision: str | None = None, fast_path: bool | None = None
+) -> Runtime:
     """The runtime of the first candidate that has one (a handle or a session), else a new one."""
     for c in candidates:
         rt = getattr(c, "runtime", None)
         if isinstance(rt, Runtime):
-            return rt.with_overrides(device, precision)
-    return Runtime(device, precision)
+            return rt.with_overrides(device, precision, fast_path)
+    return Runtime(device, precision, True if fast_path is None else fast_path)
+
+
+def in_runtime_scope(train: Callable[..., Any]) -> Callable[..., Any]:
+    """A stage function `train(cfg, name, runtime, ...)` that runs inside its runtime's fast-path scope."""
+
+    @functools.wraps(train)
+    def run(cfg: Any, name: str, runtime: Runtime, *args: Any, **kwargs: Any) -> Any:
+        with runtime.fast_path_scope():
+            return train(cfg, name, runtime, *args, **kwargs)
+
+    return run

@@ -12,20 +12,21 @@ from typing import Any
 import torch
 
 from ..config import SFTConfig
+from ..data import sft_chats
 from ..errors import DataError
 from ..events import Callback, Emitter, StopControl
 from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
-from ..data import sft_chats
 from .handles import PolicyHandle
 from .loop import TrainState, run_steps
 from .models import LoadedModel
 from .modules import TokenLoss
-from .runtime import Runtime, seed_everything
+from .runtime import Runtime, in_runtime_scope, seed_everything
 from .text import IGNORE, Example, encode_chat
 
 N_SAMPLES = 2
 
 
+@in_runtime_scope
 def train_sft(
     cfg: SFTConfig, name: str, runtime: Runtime, callbacks: Sequence[Callback] = (), stop: StopControl | None = None
 ) -> PolicyHandle:
@@ -40,23 +41,12 @@ def train_sft(
     adapter = add_adapter(lm, name, cfg.lora, init_from=init_from) if cfg.lora else None
     params = adapter_parameters(lm, adapter) if adapter else list(lm.model.parameters())
     train_only(lm.model, params)
-    handle = PolicyHandle(name, "sft", lm, adapter, cfg, parents, runtime)
+    handle = PolicyHandle(name, "sft", lm, runtime=runtime, adapter=adapter, config=cfg, parents=parents)
     before = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
     # 4. optimizer, schedule and accelerate
     lr = cfg.lr or (2e-4 if cfg.lora else 2e-5)
-    state = TrainState.build(
-        runtime,
-        TokenLoss(lm.model),
-        params,
-        lr,
-        cfg.grad_accum,
-        cfg.seed,
-        train,
-        cfg.batch_size,
-        functools.partial(collate, pad_id=lm.tokenizer.pad_token_id),
-        cfg.epochs,
-        cfg.max_steps,
-    )
+    collate_fn = functools.partial(collate, pad_id=lm.tokenizer.pad_token_id)
+    state = TrainState.build(runtime, TokenLoss(lm.model), params, cfg=cfg, lr=lr, dataset=train, collate=collate_fn)
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
     # 5. the loop: one event per optimizer step, eval every ~10% and at the end

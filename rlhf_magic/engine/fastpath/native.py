@@ -1,16 +1,13 @@
 """Small native kernels for CPU decode steps (x86-64 with AVX2 and FMA): y = x W^T + b for a few rows x, and a
 LoRA layer's product with its adapters' term (x A^T) B^T in the same pass.
 
-A decode step multiplies every weight matrix by a handful of rows (one per answer). That is a matrix-vector
-product bound by reading the weights once, but MKL's GEMM runs it far below memory speed: on a 2-core EPYC, 60
-products of 8 rows by a 1536 x 576 weight take 30-38 ms in MKL and 16-21 ms here. The kernel reads each weight row
-once and keeps the few input rows in L1. It is compiled once with the system C compiler into the cache folder and
-loaded with ctypes. Where there is no compiler, no AVX2/FMA, or the compiled kernel disagrees with torch on a check
-product, `skinny_kernel()` returns None and callers use torch. RLHF_MAGIC_NATIVE=0 turns it off.
-
-A decode step of SmolLM2-135M with LoRA on every linear layer has 210 adapted layers; each is one native call
-(x A^T, then the product with the adapters' term in the same accumulators) instead of a product and two tiny MKL
-products.
+A decode step multiplies every weight matrix by a handful of rows (one per answer): a matrix-vector product bound
+by reading the weights once, which MKL's GEMM runs far below memory speed. The kernel reads each weight row once
+and keeps the few input rows in L1; a LoRA layer is one call (x A^T, then the product with the adapters' term in
+the same accumulators) instead of a product and two tiny MKL products. It is compiled once with the system C
+compiler into the cache folder and loaded with ctypes. Where there is no compiler, no AVX2/FMA, or the compiled
+kernel disagrees with torch on a check product, `skinny_kernel()` returns None and callers use torch.
+RLHF_MAGIC_NATIVE=0 turns it off. Figures: bench/README.md.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 12  # above this MKL's GEMM is as fast (measured: equal at 16 rows, 1.4x faster at 32)
+MAX_ROWS = 12  # above this MKL's GEMM is as fast
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -127,7 +124,7 @@ def lora_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, low: torch.Tensor
 ) -> torch.Tensor | None:
     """A LoRA layer of a decode step, x [rows, K] @ weight.T + bias + (x @ a.T) @ low.T, in one native call (instead
-    of a product and two tiny MKL products, which cost 20-60 us each on two threads). `a` [R, K] holds the active
+    of a product and two tiny MKL products). `a` [R, K] holds the active
     adapters' lora_A rows, `low` [O, R] their lora_B columns times their scaling, both float32 and contiguous.
     None where skinny_linear does not apply."""
     fn = lora_kernel()
@@ -202,7 +199,7 @@ def build_library(
     """Compile `source` with `command` (compiler and flags; then the source, the output and `libs`, which must
     follow the source for linkers that drop unneeded libraries) into the cache folder once, keyed by the source,
     the command, `libs` and `key`; later calls return the cached library."""
-    from .models import cache_dir
+    from ..models import cache_dir
 
     digest = hashlib.sha256((source + " ".join([*command, *libs]) + key).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"

@@ -1,22 +1,17 @@
-"""What `precision = 'bf16'` means on a CPU: torch's bf16 autocast, with two kernels that make it pay off there.
+"""`precision = 'bf16'` on a CPU: torch's bf16 autocast, with two kernels that make it pay off there.
 
-On a CPU with native bf16 matrix units (Intel AMX, AVX512-BF16) a bf16 product runs 2.5-5x faster than fp32
-(768 x 576 x 1536: 300-630 against 120-130 GFLOP/s on a 2-core Sapphire Rapids). Plain autocast wastes most of
-that on a LoRA model:
-- it recasts every frozen fp32 weight to bf16 on every forward (10% of a training chunk in `copy_`); here a
-  frozen weight's bf16 copy is made once and kept, keyed by the weight and its version (an in-place change,
-  such as merging an adapter, makes a new copy);
-- its bf16 attention backward is ~5x slower than fp32's on a CPU (351 vs 75 ms for a chunk of 4 x 96 tokens
-  of SmolLM2-135M); here attention runs in fp32, like the norms and the residual stream.
-A chunk's forward + backward: 1.36-1.53 s against 2.06-2.19 s in fp32 (SmolLM2-135M, LoRA on every layer).
-The copies cost 2 bytes per frozen weight (~0.2 GB for SmolLM2-135M) and go with the model. To pay for them,
-`saved_activations()` keeps what autograd saves for backward in bf16, as plain bf16 autocast would (a PPO chunk
-of 4 x ~90 tokens: ~0.22 instead of ~0.44 GB; ~3% more time in its forward + backward)."""
+Plain autocast recasts every frozen fp32 weight to bf16 on every forward, and its bf16 attention backward is much
+slower than fp32's on a CPU. Here a frozen weight's bf16 copy is made once and kept (keyed by the weight and its
+version, so an in-place change such as merging an adapter makes a new copy), and attention runs in fp32 like the
+norms and the residual stream. `saved_activations()` keeps what autograd saves for backward in bf16, as plain bf16
+autocast would, to pay for the copies' memory. Figures: bench/README.md.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -24,9 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-_LINEAR = nn.Linear.forward
-_SDPA = F.scaled_dot_product_attention
-_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+from .patching import PROCESS, patched
+
+_TORCH_LINEAR = nn.Linear.forward  # torch's own, as imported (before any patch)
+_TORCH_SDPA = F.scaled_dot_product_attention
+# This thread's product for nn.Linear inside linear_mode() (the bf16 kernel, or sampling's decode product); None:
+# torch's. A context variable, so a thread outside the fast path runs torch's product while the patch is in place.
+_LINEAR_MODE: ContextVar[Callable[[nn.Linear, torch.Tensor], torch.Tensor] | None] = ContextVar(
+    "rlhf_magic_linear", default=None
+)
+_KERNELS: ContextVar[bool] = ContextVar("rlhf_magic_bf16_kernels", default=False)
 
 
 def _active() -> bool:
@@ -34,16 +36,17 @@ def _active() -> bool:
 
 
 def kernels_active() -> bool:
-    """Whether nn.Linear runs this module's bf16 kernel (inside kernels())."""
-    return nn.Linear.forward is _linear
+    """Whether this thread is inside kernels()."""
+    return _KERNELS.get()
 
 
 def frozen_copy(weight: torch.Tensor) -> torch.Tensor:
     """The bf16 copy of a frozen weight, made on first use and again after an in-place change."""
-    hit = _COPIES.get(weight)
+    copies = PROCESS.bf16_copies
+    hit = copies.get(weight)
     if hit is None or hit[0] != weight._version:
         hit = (weight._version, weight.detach().to(torch.bfloat16))
-        _COPIES[weight] = hit
+        copies[weight] = hit
     return hit[1]
 
 
@@ -53,37 +56,49 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(torch.bfloat16), frozen_copy(layer.weight), bias)
 
 
-def _linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _bf16_product(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     if w.requires_grad or w.dtype != torch.float32 or w.device.type != "cpu" or not _active():
-        return _LINEAR(self, x)
+        return _TORCH_LINEAR(self, x)
     return linear(self, x)
 
 
+def _linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    mode = _LINEAR_MODE.get()
+    return _TORCH_LINEAR(self, x) if mode is None else mode(self, x)
+
+
+@contextlib.contextmanager
+def linear_mode(product: Callable[[nn.Linear, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside, this thread's nn.Linear calls run `product(layer, x)` (the one nn.Linear patch of the fast path)."""
+    token = _LINEAR_MODE.set(product)
+    try:
+        with patched(nn.Linear, "forward", _linear):
+            yield
+    finally:
+        _LINEAR_MODE.reset(token)
+
+
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if query.device.type != "cpu" or not _active():
-        return _SDPA(query, key, value, *args, **kwargs)
+    if query.device.type != "cpu" or not _active() or not _KERNELS.get():
+        return _TORCH_SDPA(query, key, value, *args, **kwargs)
     mask = kwargs.get("attn_mask")
     if mask is not None and mask.is_floating_point():
         kwargs["attn_mask"] = mask.float()
     with torch.autocast("cpu", enabled=False):
-        return _SDPA(query.float(), key.float(), value.float(), *args, **kwargs)
+        return _TORCH_SDPA(query.float(), key.float(), value.float(), *args, **kwargs)
 
 
 @contextlib.contextmanager
 def kernels() -> Iterator[None]:
     """Inside, under a CPU bf16 autocast, nn.Linear uses the kept bf16 copy of a frozen weight and
     scaled_dot_product_attention runs in fp32 (see the module docstring). Re-entrant; torch's are restored."""
-    if nn.Linear.forward is not _LINEAR or F.scaled_dot_product_attention is not _SDPA:  # inside, or patched
-        yield
-        return
-    nn.Linear.forward = _linear  # type: ignore[method-assign]
-    F.scaled_dot_product_attention = _sdpa
+    token = _KERNELS.set(True)
     try:
-        yield
+        with linear_mode(_bf16_product), patched(F, "scaled_dot_product_attention", _sdpa):
+            yield
     finally:
-        nn.Linear.forward = _LINEAR  # type: ignore[method-assign]
-        F.scaled_dot_product_attention = _SDPA
+        _KERNELS.reset(token)
 
 
 SAVED_MIN_NUMEL = 1 << 16  # smaller saved tensors stay as they are (not worth a cast)
@@ -128,3 +143,8 @@ def kernels_for(accelerator: Any) -> contextlib.AbstractContextManager[None]:
     """kernels() where an accelerate object runs bf16 autocast on a CPU, else nothing."""
     cpu_bf16 = accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
     return kernels() if cpu_bf16 else contextlib.nullcontext()
+
+
+def torch_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """torch's own nn.Linear product, whatever is patched."""
+    return _TORCH_LINEAR(layer, x)

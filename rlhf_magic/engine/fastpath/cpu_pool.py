@@ -1,28 +1,24 @@
 """A memory pool for CPU tensors during a training step: a freed tensor's block is kept and handed to the next
 tensor of its size class, instead of going back to glibc.
 
-A PPO update on a CPU runs its minibatch in chunks. Each chunk's forward pass allocates the activations that
-backward needs (~0.4 GB for SmolLM2-135M and 4 answers) and backward frees them. With glibc's malloc the freed
-blocks either stay in its heap, where the next chunk (other sizes, another order) reuses them only in part, so the
-process grows by 200+ MB over a few chunks; or malloc_trim hands them back to the OS, and then every page faults
-again on its first write in the next chunk (1.3 M page faults and ~20% of an update). Inside `pooled()`, tensors
-of POOL_MIN_BYTES and more are rounded up to one of 16 size classes per octave, and freed blocks wait on a free
-list per class: the next chunk reuses the last one's blocks and pages. The rounded-up tail of a block that is
-never written is never faulted in, so it costs address space, not memory. When the outermost `pooled()` ends,
-the pool frees its blocks.
-
-Measured on a 2-core Sapphire Rapids, SmolLM2-135M with LoRA, 4 epochs x 2 chunks of 4 answers: one update
-15.0 -> 12.1 s, with peak RSS 1650 -> 1435 MiB.
+A PPO update on a CPU runs its minibatch in chunks, and each chunk's forward pass allocates the activations that
+backward frees. With glibc's malloc the freed blocks either stay in its heap, where the next chunk (other sizes,
+another order) reuses them only in part, so the process grows; or malloc_trim hands them back to the OS, and every
+page faults again in the next chunk. Inside `pooled()`, tensors of POOL_MIN_BYTES and more are rounded up to one of
+16 size classes per octave, and freed blocks wait on a free list per class: the next chunk reuses the last one's
+blocks and pages. The rounded-up tail of a block that is never written is never faulted in. When the outermost
+`pooled()` ends, the pool frees its blocks.
 
 The pool is a c10 CPU allocator, compiled (C++, against torch's own headers and libc10) into the cache folder on
 first use and installed as torch's CPU allocator then. Outside `pooled()` it passes every allocation straight to
 c10::alloc_cpu / free_cpu, as torch's default allocator does. Where there is no C++ compiler, or the pool fails
-its check, `pooled()` does nothing. RLHF_MAGIC_NATIVE=0 turns it off."""
+its check, `pooled()` does nothing. RLHF_MAGIC_NATIVE=0 turns it off. Figures: bench/README.md."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import functools
 import logging
 import os
@@ -36,6 +32,7 @@ from typing import Any
 import torch
 
 from .native import build_library
+from .patching import PROCESS
 
 log = logging.getLogger(__name__)
 
@@ -159,35 +156,33 @@ void pool_stats(size_t* out) {
 }
 """
 
-_DEPTH = [0]  # pooled() nesting: only the outermost one starts and ends the pool
-
 
 @contextlib.contextmanager
 def pooled(device: Any) -> Iterator[bool]:
     """Inside, on a CPU, freed tensors of POOL_MIN_BYTES or more are kept for reuse (see the module docstring);
     yields whether the pool is active. Re-entrant: an inner pooled() joins the outer one."""
-    if _DEPTH[0] > 0:
-        _DEPTH[0] += 1
+    if PROCESS.pool_depth > 0:
+        PROCESS.pool_depth += 1
         try:
             yield True
         finally:
-            _DEPTH[0] -= 1
+            PROCESS.pool_depth -= 1
         return
     lib = _library() if getattr(device, "type", str(device)) == "cpu" else None
     if lib is None or not lib.pool_begin(POOL_MIN_BYTES, POOL_CAP_BYTES):
         yield False
         return
-    _DEPTH[0] = 1
+    PROCESS.pool_depth = 1
     try:
         yield True
     finally:
-        _DEPTH[0] = 0
+        PROCESS.pool_depth = 0
         lib.pool_end()
 
 
 def active() -> bool:
     """Whether a pooled() block is running."""
-    return _DEPTH[0] > 0
+    return PROCESS.pool_depth > 0
 
 
 def stats() -> dict[str, int]:
@@ -245,3 +240,21 @@ def _reuses(lib: ctypes.CDLL) -> bool:
     if not ok:
         log.warning("CPU memory pool failed its check; not pooling")
     return ok
+
+
+def release_free_memory() -> None:
+    """Outside the pool, with glibc: hand the pages of freed tensors back to the OS (`malloc_trim`), so that the
+    holes the last chunk's activations left do not add to the next chunk's peak."""
+    if active():  # the pool keeps its blocks for reuse
+        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
