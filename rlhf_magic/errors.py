@@ -25,10 +25,6 @@ class ModelError(RLHFError):
     """A model that cannot be found or loaded."""
 
 
-class TrainingStopped(RLHFError):
-    """Training ended early for a reason the user should see (for example NaN rewards)."""
-
-
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

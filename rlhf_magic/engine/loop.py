@@ -22,7 +22,7 @@ from .runtime import Runtime
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; fused where torch supports it (on a 2-core CPU it is ~6x faster than the default)."""
+    """AdamW; fused where torch supports it (much faster than the default on a CPU)."""
     if device.type in ("cpu", "cuda"):
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)

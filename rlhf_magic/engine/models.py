@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -195,9 +194,3 @@ def _disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
-
-
-def read_meta(path: Path | str) -> dict:
-    """rlhf-magic's own metadata next to a saved checkpoint ({} when absent)."""
-    p = Path(path) / "rlhf_magic.json"
-    return json.loads(p.read_text()) if p.exists() else {}

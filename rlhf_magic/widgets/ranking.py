@@ -222,8 +222,8 @@ class RankingPanel:
         if self._given is not None:
             self._answers[i] = list(self._given[i])
             return self._answers[i]
-        # One batched call for this prompt and the next open ones (up to `prefetch`): a decode step costs about
-        # the same for 4 rows as for 32 on a CPU, so later prompts come for free.
+        # One batched call for this prompt and the next open ones (up to `prefetch`): a decode step reads the
+        # weights once whatever the rows, so later prompts cost little more.
         later = [j for j in self.pending if j > i and j not in self._answers]
         chunk = [i, *later[: self.prefetch - 1]]
         # the next prompt, no cards: the previous prompt's answers never sit under it while these are sampled

@@ -112,8 +112,8 @@ def lean_sample(
 
 
 def _mask(allowed: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
-    """An additive mask: 0 where a query may attend, else -inf for sdpa (what it makes of a boolean mask, on
-    every call: 77 against 131 us a decode step's call) or the dtype's minimum for eager (as transformers)."""
+    """An additive mask, made once: 0 where a query may attend, else -inf for sdpa (what sdpa would make of a
+    boolean mask on every call) or the dtype's minimum for eager (as transformers)."""
     low = torch.finfo(dtype).min if eager else -float("inf")
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, low)
 
