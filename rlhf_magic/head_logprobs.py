@@ -22,6 +22,7 @@ class _Settings(NamedTuple):
     entropy: bool
     chunk: int
     keep: bool  # keep the scaled logits for backward (else recompute them chunk by chunk)
+    low: torch.Tensor | None  # a bf16 copy of the frozen weight for the [N, V]-sized products, or None
 
 
 def logprobs_from_head(
@@ -55,7 +56,7 @@ def logprobs_from_head(
     keep = grad and h.shape[0] * weight.shape[0] * h.element_size() <= KEEP_LOGITS_BYTES
     if low is not None and (weight.requires_grad or low.shape != weight.shape):
         raise ValueError("logprobs_from_head: `low` must be a copy of a frozen weight")
-    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, low, _Settings(float(temperature), entropy, chunk, keep))
+    lp, ent = _HeadLogprobs.apply(h, weight, bias, idx, _Settings(float(temperature), entropy, chunk, keep, low))
     return HeadLogprobs(lp.view(shape), ent.view(shape) if entropy else None)
 
 
@@ -65,8 +66,8 @@ class _HeadLogprobs(torch.autograd.Function):
     chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, idx, low, settings):  # type: ignore[no-untyped-def, override]
-        temperature, want_entropy, chunk, keep = settings
+    def forward(ctx, h, weight, bias, idx, settings):  # type: ignore[no-untyped-def, override]
+        temperature, want_entropy, chunk, keep, low = settings
         # m: running max of z = logits / T; s = sum exp(z - m); a = sum exp(z - m) * (z - m) (for the entropy)
         m = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
         s, a = torch.zeros_like(m), torch.zeros_like(m)
@@ -118,7 +119,7 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_w.index_add_(0, idx, g[:, None] * h)
         if grad_b is not None:
             grad_b.index_add_(0, idx, g)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None
 
 
 def _scaled_logit_chunks(h, weight, bias, temperature, chunk):  # type: ignore[no-untyped-def]
