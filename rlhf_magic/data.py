@@ -1,6 +1,6 @@
 """Data coercion: lists of dicts, DataFrames, `datasets.Dataset`s and files -> plain records -> chats.
 
-No torch here; the tokenization of chats lives in `text.py`.
+No torch here; the tokenization of chats lives in `engine/text.py`.
 """
 
 from __future__ import annotations

@@ -214,12 +214,13 @@ def test_a_thread_outside_the_fast_path_runs_torch_products_while_another_is_ins
 
 
 def test_the_switch_runs_a_whole_pipeline_without_any_fast_path_code(pairs, monkeypatch):
-    """fast_path = False: SFT, reward and PPO on the tiny model run with no patch ever installed and no fast-path
-    module entered (the plain path a GPU runs); on the fast path (where the environment allows it) they are.
+    """fast_path = False: SFT, reward and PPO on the tiny model run with no patch ever installed and none of the
+    fast path's decoder, memory pool, packing or prefix entered (the plain path a GPU runs); on the fast path
+    (where the environment allows it) they are.
     Runs in both test modes."""
     from rlhf_magic import api
     from rlhf_magic.engine import fastpath
-    from rlhf_magic.engine.fastpath import patching
+    from rlhf_magic.engine.fastpath import cpu_pool, packing, patching, prefix, sampling  # noqa: F401
 
     installed: list[str] = []
     real = patching.patched
@@ -233,6 +234,15 @@ def test_the_switch_runs_a_whole_pipeline_without_any_fast_path_code(pairs, monk
     monkeypatch.setattr(patching, "patched", spy)
     for module in ("cpu_bf16", "lean", "packing", "prefix", "sampling"):
         monkeypatch.setattr(f"rlhf_magic.engine.fastpath.{module}.patched", spy)
+    for target in ("sampling.decoder", "cpu_pool.pooled", "packing.pack_rows", "prefix.frozen_depth"):
+        module, name = target.split(".")
+        real_fn = getattr(getattr(fastpath, module), name)
+
+        def entered(*args, _name=target, _fn=real_fn, **kwargs):
+            installed.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(f"rlhf_magic.engine.fastpath.{target}", entered)
     for on in (False, True):
         installed.clear()
         sft = api.sft("s", model="tiny", data=pairs, max_steps=3, lr=3e-3, fast_path=on, progress=False)
@@ -243,3 +253,25 @@ def test_the_switch_runs_a_whole_pipeline_without_any_fast_path_code(pairs, monk
         assert len(ppo.generate([p["prompt"] for p in pairs[:3]], max_new_tokens=6)) == 3
         assert bool(installed) == (on and fastpath.enabled_by_env()), installed
     assert not PROCESS.patches
+
+
+def test_the_plain_path_trains_under_bf16_autocast_as_a_gpu_would(pairs):
+    """fast_path = False with precision 'bf16': torch's own autocast, no kept copies or fp32 attention (the path a
+    bf16 GPU runs). PPO starts at zero KL (policy and reference are computed alike) and trains every weight."""
+    from rlhf_magic import api
+
+    sft = api.sft("pbf", model="tiny", data=pairs, max_steps=3, lr=3e-3, precision="bf16", fast_path=False,
+                  progress=False)  # fmt: skip
+    start: dict = {}
+
+    def grab(ev):
+        if ev.kind == "start":
+            start["w"] = [p.detach().clone() for p in ev.payload["handle"].trainable_parameters()]
+
+    h = api.ppo("pbf-ppo", policy=sft, reward=lambda p, r: [len(x) / 10 for x in r], prompts=[f"Say {i}" for i in
+                range(8)], steps=2, batch_size=8, mini_batch_size=8, num_ppo_epochs=1, max_new_tokens=6, lr=1e-2,
+                precision="bf16", fast_path=False, progress=False, callbacks=[grab])  # fmt: skip
+    assert h.runtime.precision == "bf16" and not h.runtime.fast_path
+    assert abs(h.metrics["ppo/objective/kl"][0]) < 1e-6
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(start["w"], h.trainable_parameters()))
+    assert not PROCESS.patches and all(PROCESS.bf16_copies.get(p) is None for p in h.lm.model.parameters())

@@ -72,17 +72,16 @@ def sampler(model: Any, plain: Callable[..., torch.Tensor], settings: dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ training
-def lean_layers(*, mlp: bool = False) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def lean_layers(*, mlp: bool = False) -> Iterator[None]:
     """Leaner LoRA forwards (and, with mlp=True, SwiGLU MLPs that keep less for backward) for a training loop."""
     if not on():
-        return contextlib.nullcontext()
+        yield
+        return
     from .lean import lean_lora, lean_mlp
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(lean_lora())
-    if mlp:
-        stack.enter_context(lean_mlp())
-    return stack
+    with lean_lora(), lean_mlp() if mlp else contextlib.nullcontext():
+        yield
 
 
 def bf16_kernels(device: Any, precision: str) -> contextlib.AbstractContextManager[None]:
