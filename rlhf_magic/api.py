@@ -48,18 +48,22 @@ def sft(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     stop: StopControl | None = None,
+    trust_remote_code: bool = False,
     **settings: Any,
 ) -> Any:
     """Supervised fine-tuning. Returns a policy handle (`.generate`, `.save`, `.metrics`).
 
     Settings are SFTConfig's fields (`data=..., epochs=2, lora={"r": 8}` or `lora=False`); `session` registers
-    the result and lends its runtime; `progress` shows the live view; `stop` lets a caller end the run early.
+    the result and lends its runtime; `progress` shows the live view; `stop` lets a caller end the run early;
+    `trust_remote_code=True` lets a model that ships its own modelling code run it.
     """
     from .engine.runtime import resolve_runtime
     from .engine.sft import train_sft
 
     cfg = _config(SFTConfig, config, settings)
     runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
+    if trust_remote_code:
+        runtime.trust(cfg.model)
     stop = stop or StopControl()
     handle = train_sft(cfg, name, runtime, _views("sft", name, progress, callbacks, stop), stop)
     if session is not None:
@@ -75,16 +79,20 @@ def load_policy(
     device: str | None = None,
     precision: str | None = None,
     chat: bool = True,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Any:
     """A policy handle for a model as it is (no training), e.g. the base model to compare against.
 
-    `chat=False` feeds prompts as raw text, without the chat template: how a pretrained model sees text.
+    `model`: 'smollm2-135m', 'tiny', a checkpoint folder or a hub id 'org/name' (at `revision`). `chat=False` feeds
+    prompts as raw text, without the chat template: how a pretrained model sees text. `trust_remote_code=True` lets
+    a model that ships its own modelling code run it.
     """
     from .engine.handles import PolicyHandle
     from .engine.runtime import resolve_runtime
 
     runtime = resolve_runtime(session, device=device, precision=precision)
-    lm = runtime.load(model)
+    lm = runtime.load(model, revision=revision, trust_remote_code=trust_remote_code)
     handle = PolicyHandle(name or "base", "base", lm, runtime=runtime, parents=(model,), chat=chat)
     if session is not None:
         session.add(handle)
@@ -99,15 +107,17 @@ def reward(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     stop: StopControl | None = None,
+    trust_remote_code: bool = False,
     **settings: Any,
 ) -> Any:
     """A reward model trained from rankings. Returns a reward handle (`.score`, `.accuracy`, `.save`).
 
     `model` defaults to the session's latest SFT result; `data` takes Preferences, a RankingPanel, ranking
-    records, prompt/chosen/rejected pairs, a Dataset, a DataFrame or a path.
+    records, prompt/chosen/rejected pairs, a Dataset, a DataFrame or a path. `trust_remote_code` as in `sft`.
     """
     import dataclasses
 
+    from . import references
     from .engine.reward import train_reward
     from .engine.runtime import resolve_runtime
 
@@ -122,7 +132,10 @@ def reward(
         cfg = dataclasses.replace(cfg, model=latest)
     if cfg.data is None:
         raise ConfigError("data is required: Preferences from the ranking panel, ranking records or pairs, or a path")
+    references.model_folder(cfg.model)  # `model = "runs/sft"` that is not there: one line before anything loads
     runtime = resolve_runtime(cfg.model, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
+    if trust_remote_code:
+        runtime.trust(cfg.model)
     stop = stop or StopControl()
     handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop), stop, session)
     if session is not None:
@@ -154,7 +167,9 @@ def ppo(
     """PPO against a reward handle or a callable, with a per-token KL penalty to the frozen SFT policy.
 
     `policy` defaults to the session's latest SFT result. With `resume=True` the run continues the session's
-    PPO result called `name` (its adapter, value head, optimizer and KL controller).
+    PPO result called `name` (its adapter, value head, optimizer and KL controller). As in a config file, strings
+    name what is on disk: `policy = "runs/sft"` (a saved policy), `reward = "runs/rm"` (a saved reward model) or
+    `reward = "mymodule:score"` (an importable f(prompts, responses) -> list[float]).
     """
     from .engine.ppo import train_ppo
     from .engine.runtime import resolve_runtime
@@ -162,6 +177,7 @@ def ppo(
     cfg = _ppo_config(_config(PPOConfig, config, settings), session)
     previous = _previous_ppo(name, cfg, session)
     runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
+    cfg = _ppo_resolved(cfg, runtime)
     stop = stop or StopControl()
     views = _views("ppo", name, progress, callbacks, stop)
     handle = train_ppo(cfg, name, runtime, views, stop, previous)
@@ -190,16 +206,31 @@ def _ppo_config(cfg: PPOConfig, session: Any) -> PPOConfig:
                 "policy = <a policy handle>"
             )
         cfg = dataclasses.replace(cfg, policy=latest)
-    if not isinstance(cfg.policy, PolicyHandle):
+    if not isinstance(cfg.policy, (PolicyHandle, str)):
         raise ConfigError(
             f"policy = {cfg.policy!r} is not valid; expected a policy handle (from %%sft, or "
-            f"rlhf_magic.load_policy(...))"
+            f"rlhf_magic.load_policy(...)) or the folder of a saved policy"
         )
     if cfg.reward is None:
-        raise ConfigError("reward is required: a reward handle from %%reward, or a callable f(prompts, responses)")
+        raise ConfigError(
+            "reward is required: a reward handle from %%reward, a callable f(prompts, responses), the folder of a "
+            "saved reward model, or 'module:function'"
+        )
     if cfg.prompts is None:
         raise ConfigError("prompts is required: a list of prompts, a Dataset, or a .jsonl/.json/.csv/.txt path")
     return cfg
+
+
+def _ppo_resolved(cfg: PPOConfig, runtime: Any) -> PPOConfig:
+    """Strings that name a saved policy, a saved reward model or a reward function -> what they name (both paths are
+    checked before anything loads); with several processes, the same micro-batches on every one."""
+    import dataclasses
+
+    from . import references
+    from .engine.ranks import same_chunks
+
+    policy, reward = references.resolve_ppo(cfg.policy, cfg.reward, runtime)
+    return same_chunks(dataclasses.replace(cfg, policy=policy, reward=reward))
 
 
 def _previous_ppo(name: str, cfg: PPOConfig, session: Any) -> Any:

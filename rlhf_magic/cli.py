@@ -1,16 +1,23 @@
 """`rlhf-magic STAGE CONFIG`: run a stage from a config file, also under `accelerate launch`.
 
 CONFIG is a TOML file (`epochs = 2`, `[lora]` table or `lora.r = 8`) or a file with the same `key = value`
-lines as a cell body. Names of notebook variables are not available here: `data` must be a path.
+lines as a cell body. Names of notebook variables are not available here, so strings name what is on disk:
+`data` and `prompts` are files, `model` / `policy` the folder of a saved policy (an SFT run's output_dir),
+`reward` the folder of a saved reward model or 'module:function' (an importable f(prompts, responses)).
 
     rlhf-magic sft sft.toml --name my_sft --set max_steps=20
-    accelerate launch --cpu --num_processes 2 -m rlhf_magic.cli sft sft.toml
+    rlhf-magic ppo ppo.toml --set 'reward="rules:score"'
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m rlhf_magic.cli sft sft.toml
+
+Under `accelerate launch` every process trains on its own share of the data (PPO: its own prompts and sampling
+seed), metrics are averaged over processes, and only the main process saves, prints and writes the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,7 +87,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     summary = _summary(handle)
     if args.summary and handle.runtime.is_main_process:
         args.summary.write_text(json.dumps(summary, indent=2))
+    _finish(handle.runtime.accelerator())
     return summary
+
+
+def _finish(acc: Any) -> None:
+    """With several processes: all of them wait for the main one's writes, then leave the process group together
+    (a process that exits while the group lives may abort in gloo's teardown)."""
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+        acc.end_training()
 
 
 def _summary(handle: Any) -> dict[str, Any]:
@@ -105,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except RLHFError as e:
         print(f"rlhf-magic: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary["metrics"]))
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch: the main process prints, once
+        print(json.dumps(summary["metrics"]))
     return 0
 
 

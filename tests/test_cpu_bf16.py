@@ -12,7 +12,7 @@ from torch import nn
 
 from rlhf_magic import api
 from rlhf_magic.engine.fastpath import cpu_bf16
-from rlhf_magic.engine.fastpath.patching import is_patched
+from rlhf_magic.engine.patching import is_patched
 from rlhf_magic.head_logprobs import logprobs_from_head
 
 pytestmark = pytest.mark.fastpath
@@ -110,11 +110,11 @@ def test_ppo_in_bf16_on_a_cpu_starts_at_zero_kl_and_trains_every_adapter_weight(
 
 
 def test_sampling_with_bf16_weights_reads_bf16_copies_of_the_frozen_trunk_but_keeps_the_head_fp32():
-    from rlhf_magic.engine.fastpath.patching import PROCESS
     from rlhf_magic.engine.fastpath.sampling import skinny_linear
     from rlhf_magic.engine.generation import sample
     from rlhf_magic.engine.models import load_model
     from rlhf_magic.engine.modules import trunk_and_head
+    from rlhf_magic.engine.patching import PROCESS
 
     lm = load_model("tiny", torch.device("cpu"))
     lm.model.requires_grad_(False)

@@ -11,8 +11,8 @@ import torch
 
 from rlhf_magic.engine.fastpath import native
 from rlhf_magic.engine.fastpath.lean import lean_lora
-from rlhf_magic.engine.fastpath.patching import PROCESS, is_patched, original, patched
 from rlhf_magic.engine.fastpath.sampling import fast_sampling, skinny_linear
+from rlhf_magic.engine.patching import PROCESS, is_patched, original, patched
 
 
 @pytest.mark.fastpath
@@ -214,13 +214,13 @@ def test_a_thread_outside_the_fast_path_runs_torch_products_while_another_is_ins
 
 
 def test_the_switch_runs_a_whole_pipeline_without_any_fast_path_code(pairs, monkeypatch):
-    """fast_path = False: SFT, reward and PPO on the tiny model run with no patch ever installed and none of the
-    fast path's decoder, memory pool, packing or prefix entered (the plain path a GPU runs); on the fast path
+    """fast_path = False: SFT, reward and PPO on the tiny model run with none of the fast path's patches installed
+    and none of its decoder, memory pool, packing or prefix entered (the plain path a GPU runs); on the fast path
     (where the environment allows it) they are.
     Runs in both test modes."""
     from rlhf_magic import api
-    from rlhf_magic.engine import fastpath
-    from rlhf_magic.engine.fastpath import cpu_pool, packing, patching, prefix, sampling  # noqa: F401
+    from rlhf_magic.engine import fastpath, patching
+    from rlhf_magic.engine.fastpath import cpu_pool, packing, prefix, sampling  # noqa: F401
 
     installed: list[str] = []
     real = patching.patched

@@ -8,7 +8,7 @@ import torch
 from rlhf_magic.engine import modules as M
 from rlhf_magic.engine.fastpath import packing as P
 from rlhf_magic.engine.fastpath.lean import lean_mlp
-from rlhf_magic.engine.fastpath.patching import is_patched
+from rlhf_magic.engine.patching import is_patched
 from rlhf_magic.engine.tiny import tiny_model
 
 pytestmark = pytest.mark.fastpath

@@ -13,6 +13,7 @@ from .. import ops
 from . import fastpath
 from .models import LoadedModel
 from .modules import trunk_and_head
+from .patching import PROCESS, patched
 from .text import encode, format_prompt
 
 
@@ -99,20 +100,39 @@ def sample(
     return result
 
 
+# generate()'s logits processors and warpers at their neutral values, and one sequence per row. Those whose neutral
+# value is None (bad_words_ids, suppress_tokens, min_p, stop_strings...) cannot be set off here: see `_generate`.
+NEUTRAL = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+}
+
+
 def generation_config(tok: Any, settings: dict[str, Any]) -> Any:
-    """An explicit config: the model's own defaults (top_k=50, repetition penalties...) would sample from another
-    distribution than the one whose logprobs PPO computes, which shows up as a biased (even negative) KL."""
+    """A complete config: only temperature (and top_p below 1) shape the sampling distribution. The model's own
+    defaults (top_k=50, a checkpoint's repetition_penalty...) would sample from another distribution than the one
+    whose logprobs PPO computes, which shows up as a biased (even negative) KL."""
     from transformers import GenerationConfig
 
     temperature = settings["temperature"]
     gen = GenerationConfig(
         max_new_tokens=settings["max_new_tokens"],
-        min_new_tokens=settings["min_new_tokens"],
+        min_new_tokens=settings["min_new_tokens"] or None,  # 0 would add a (no-op) min-length processor
         do_sample=temperature > 0,
         use_cache=True,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
+        **NEUTRAL,
     )
     if temperature > 0:
         gen.temperature, gen.top_p, gen.top_k = temperature, settings["top_p"], 0
@@ -120,8 +140,11 @@ def generation_config(tok: Any, settings: dict[str, Any]) -> Any:
 
 
 def _generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, *, config: Any) -> torch.Tensor:
-    """The plain decoder: transformers' generate(), responses only."""
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    """The plain decoder: transformers' generate(), responses only. generate() fills every field that its config
+    leaves unset (None) from the model's own generation_config (a checkpoint's bad_words_ids, suppress_tokens, min_p,
+    stop_strings...), so for the call `config` stands in for the model's own: only what it says applies."""
+    with PROCESS.generate_lock, patched(model, "generation_config", config):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     return out[:, ids.shape[1] :]
 
 

@@ -6,19 +6,28 @@ Like minGPT's `Trainer.run`: a small loop that reports through callbacks. A modu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..errors import ConfigError
 from ..events import Emitter, StopControl
 from . import fastpath
+from .patching import patched
 from .runtime import Runtime
+
+# Optimizer steps skipped in a row (non-finite gradients) before a run stops. Under fp16 each skip halves the loss
+# scale: 10 take torch's initial 2**16 down to 64, far below where a healthy run settles.
+MAX_SKIPPED_STEPS = 10
+_ATTN = "_attn_implementation_internal"  # where a transformers config keeps the attention implementation's name
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -56,6 +65,8 @@ class TrainState:
     max_grad_norm: float = 1.0
     step: int = 0
     started: float = field(default_factory=time.monotonic)
+    gradient_checkpointing: bool = False
+    skipped: int = 0  # optimizer steps skipped in a row
 
     @classmethod
     def build(
@@ -69,7 +80,7 @@ class TrainState:
         dataset: Sequence[Any],
         collate: Callable,
     ) -> TrainState:
-        """`cfg`: the stage's settings (grad_accum, seed, batch_size, epochs, max_steps)."""
+        """`cfg`: the stage's settings (grad_accum, seed, batch_size, epochs, max_steps, gradient_checkpointing)."""
         acc = runtime.accelerator(cfg.grad_accum)
         gen = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(list(dataset), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
@@ -80,7 +91,9 @@ class TrainState:
         with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
             warnings.simplefilter("ignore", FutureWarning)
             module, opt, loader, sched = acc.prepare(module, opt, loader, sched)
-        return cls(acc, module, opt, sched, loader, params, total, runtime.device)
+        state = cls(acc, module, opt, sched, loader, params, total, runtime.device)
+        state.gradient_checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
+        return state
 
     def close(self) -> None:
         self.accelerator.free_memory()
@@ -94,12 +107,14 @@ def run_steps(
     evaluate: Callable[[], dict[str, float]] | None,
     tokens_of: Callable[[Any], int],
 ) -> None:
-    """Train until total_steps or a stop request; emit 'step' and 'eval' events."""
+    """Train until total_steps or a stop request; emit 'step' and 'eval' events. Gradients that are not finite stop
+    the run, keeping the weights of the step before; under fp16 the loss scaler skips such a step and lowers its
+    scale, and only MAX_SKIPPED_STEPS skips in a row stop the run."""
     acc = state.accelerator
     eval_every = max(1, math.ceil(state.total_steps / 6))  # about six held-out points a run: evals cost forwards
     sums: dict[str, torch.Tensor] = {}
     micro, tokens, t0 = 0, 0, time.monotonic()
-    with fastpath.lean_layers():
+    with fastpath.lean_layers(), checkpointing(_hf_model(state.module), state.gradient_checkpointing):
         while state.step < state.total_steps and not stop.requested:
             for batch in state.loader:
                 with acc.accumulate(state.module):
@@ -108,33 +123,16 @@ def run_steps(
                     for k, v in {"train/loss": loss, **extra}.items():
                         sums[k] = sums.get(k, 0) + v.detach().float()
                     micro, tokens = micro + 1, tokens + tokens_of(batch)
-                    grad_norm = None
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(state.params, state.max_grad_norm)
-                        if not torch.isfinite(grad_norm):
-                            state.optimizer.zero_grad(set_to_none=True)
-                            stop.request(
-                                f"the gradients became {float(grad_norm)} at step {state.step + 1}; the "
-                                f"result keeps the weights of step {state.step} (try a lower lr)"
-                            )
-                            return
-                    state.optimizer.step()
-                    state.scheduler.step()
-                    state.optimizer.zero_grad(set_to_none=True)
+                    grad_norm = optimizer_step(state)
                 if not acc.sync_gradients:
                     continue
+                if _skipped(state, grad_norm, stop):  # the weights did not move: nothing to report
+                    if stop.requested:
+                        return
+                    sums, micro, tokens, t0 = {}, 0, 0, time.monotonic()
+                    continue
                 state.step += 1
-                if acc.num_processes > 1:  # log the mean over processes, not the main process's share
-                    sums = {k: acc.reduce(v, "mean") for k, v in sums.items()}
-                row = {k: float(v) / micro for k, v in sums.items()}
-                dt = time.monotonic() - t0
-                row.update(
-                    {
-                        "train/lr": state.scheduler.get_last_lr()[0],
-                        "train/tokens_per_s": tokens / dt,
-                        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                    }
-                )
+                row = _row(state, sums, micro, tokens / (time.monotonic() - t0), grad_norm)
                 if evaluate and (state.step % eval_every == 0 or state.step == state.total_steps):
                     row.update(evaluate())
                 metrics.log(state.step, row)
@@ -144,7 +142,153 @@ def run_steps(
                     break
 
 
+def optimizer_step(state: TrainState) -> torch.Tensor | None:
+    """Clip, step, schedule and zero the gradients (accelerate acts only at the last micro-batch of an accumulation).
+    Under fp16 the loss scaler itself skips a step whose gradients overflowed, then lowers its scale; without one, a
+    non-finite gradient norm skips the step here. Returns the gradient norm (None between accumulation steps)."""
+    acc = state.accelerator
+    grad_norm = acc.clip_grad_norm_(state.params, state.max_grad_norm) if acc.sync_gradients else None
+    finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+    if finite or loss_scaler(acc) is not None:
+        state.optimizer.step()
+    if finite:  # a skipped step leaves the schedule alone too
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def loss_scaler(accelerator: Any) -> Any:
+    """The accelerator's GradScaler (fp16 mixed precision), else None."""
+    return getattr(accelerator, "scaler", None)
+
+
+def step_skipped(grad_norm: torch.Tensor) -> bool:
+    """Whether the optimizer step left the weights alone: its (unscaled) gradients were not finite. Under fp16 that
+    is the scaler's own test; accelerate's `step_was_skipped` cannot tell, as a fused optimizer skips the update
+    inside its step."""
+    return not bool(torch.isfinite(grad_norm))
+
+
+def skip_reason(accelerator: Any, count: int, kept: str) -> str:
+    """Why a run stops after `count` skipped optimizer steps in a row; `kept`: which weights the result has."""
+    scaler = loss_scaler(accelerator)
+    if scaler is None:
+        what, advice = "were not finite", "try a lower lr"
+    else:
+        what, advice = f"overflowed fp16 (loss scale now {scaler.get_scale():g})", "try a lower lr, or bf16 / fp32"
+    return f"the gradients {what} in {count} optimizer steps in a row; the result keeps {kept} ({advice})"
+
+
+def _skipped(state: TrainState, grad_norm: torch.Tensor | None, stop: StopControl) -> bool:
+    """Whether this optimizer step was skipped; requests the stop that follows: at once without a loss scaler, after
+    MAX_SKIPPED_STEPS in a row with one."""
+    acc = state.accelerator
+    skipped = grad_norm is not None and step_skipped(grad_norm)
+    state.skipped = state.skipped + 1 if skipped else 0
+    if skipped and loss_scaler(acc) is None:
+        stop.request(
+            f"the gradients became {float(grad_norm)} at step {state.step + 1}; the "
+            f"result keeps the weights of step {state.step} (try a lower lr)"
+        )
+    elif state.skipped >= MAX_SKIPPED_STEPS:
+        stop.request(skip_reason(acc, state.skipped, f"the weights of step {state.step}"))
+    return skipped
+
+
+def _row(
+    state: TrainState, sums: dict[str, torch.Tensor], micro: int, tokens_per_s: float, grad_norm: Any
+) -> dict[str, float]:
+    acc = state.accelerator
+    if acc.num_processes > 1:  # log the mean over processes, not the main process's share; the job's throughput
+        sums = {k: acc.reduce(v, "mean") for k, v in sums.items()}
+        rate = torch.tensor(tokens_per_s, dtype=torch.float64, device=acc.device)
+        tokens_per_s = float(acc.reduce(rate, "sum"))
+    row = {k: float(v) / micro for k, v in sums.items()}
+    row.update(
+        {
+            "train/lr": state.scheduler.get_last_lr()[0],
+            "train/tokens_per_s": tokens_per_s,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        }
+    )
+    return row
+
+
 def _split(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if isinstance(out, tuple):
         return out[0], dict(out[1])
     return out, {}
+
+
+# ------------------------------------------------------------------------------------------------ checkpointing
+@contextlib.contextmanager
+def checkpointing(model: Any, enabled: bool) -> Iterator[None]:
+    """Inside, when `enabled`, the HF model's decoder layers checkpoint their activations (recomputed in backward, not
+    kept) in every forward that records gradients, through transformers' own gradient checkpointing. A layer
+    checkpoints only while its own `training` flag is set: the flag of each layer (not of its children, whose dropout
+    stays as the mode says) is raised for such forwards, so a stage that trains in eval mode (reward) checkpoints
+    too; the recompute sees the same flags. Afterwards every flag and setting is as before: generation and the
+    other stages do not checkpoint."""
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if model is not None else []
+    if not layers or not getattr(model, "supports_gradient_checkpointing", False):
+        name = type(model).__name__
+        raise ConfigError(f"gradient_checkpointing = True: {name} does not support it; set it to False")
+    kept = [(m, m.gradient_checkpointing, vars(m).get("_gradient_checkpointing_func")) for m in _flagged(model)]
+    modes = [layer.training for layer in layers]
+    had_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
+    kwargs = {"use_reentrant": False, "context_fn": functools.partial(_recompute_as_forward, list(configs.values()))}
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(kwargs)
+    if not had_hooks:  # inputs that require grad are for reentrant checkpointing only; they cost backward passes
+        model.disable_input_require_grads()  # through the frozen layers below the lowest adapter
+    hooks = [layer.register_forward_pre_hook(_raise_training_flag) for layer in layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        for m, on, func in kept:
+            m.gradient_checkpointing = on
+            if func is None:
+                vars(m).pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+
+def _flagged(model: Any) -> list[Any]:
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def _raise_training_flag(layer: torch.nn.Module, args: Any) -> None:
+    if torch.is_grad_enabled():
+        layer.training = True
+
+
+def _recompute_as_forward(configs: list[Any]) -> tuple[Any, Any]:
+    """torch checkpoint's `context_fn`, called at each layer's forward: the recompute in backward runs under the
+    attention implementation that this forward saw (the fast path's packed rows switch it for their forward only)."""
+    seen = [(c, getattr(c, _ATTN, None)) for c in configs]
+    return contextlib.nullcontext(), _attention_as(seen)
+
+
+@contextlib.contextmanager
+def _attention_as(seen: list[tuple[Any, Any]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for config, name in seen:
+            if getattr(config, _ATTN, None) != name:
+                stack.enter_context(patched(config, _ATTN, name))
+        yield
+
+
+def _hf_model(module: torch.nn.Module) -> Any:
+    """The transformers model inside a (prepared) training module."""
+    found = (m for m in module.modules() if hasattr(m, "supports_gradient_checkpointing"))
+    return next(found, None)

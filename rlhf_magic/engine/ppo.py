@@ -24,15 +24,15 @@ from ..config import PPOConfig
 from ..data import read_prompts
 from ..errors import ConfigError
 from ..events import Callback, Emitter, StopControl
-from . import fastpath
+from . import fastpath, ranks
 from . import rollout as R
 from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
 from .generation import encode_prompts
 from .handles import PolicyHandle
-from .loop import make_optimizer
+from .loop import MAX_SKIPPED_STEPS, checkpointing, loss_scaler, make_optimizer, skip_reason, step_skipped
 from .models import LoadedModel
 from .modules import PolicyValue
-from .ppo_monitor import Monitor, step_metrics
+from .ppo_monitor import Monitor, skipped_steps_warning, step_metrics
 from .reward_model import RewardHandle, make_head
 from .runtime import Runtime, in_runtime_scope, seed_everything
 
@@ -73,6 +73,7 @@ class PPORun:
     emit: Emitter
     stop: StopControl
     share: float = 1.0  # the share of the layers that run with gradients (above a shared frozen prefix)
+    skipped: int = 0  # optimizer steps skipped in a row (gradients not finite)
 
     @property
     def roles(self) -> R.Roles:
@@ -106,8 +107,8 @@ def train_ppo(
         with stop.catch_interrupt(), use_adapter(roles.lm, handle.adapter), fastpath.lean_layers(mlp=True):
             # 3. the loop: one rollout and its PPO epochs per step, metrics and warnings after each
             for _ in range(cfg.steps):
-                batch = [prompts[order[(state.step * cfg.batch_size + i) % len(order)]] for i in range(cfg.batch_size)]
-                row = ppo_step(run, batch)
+                batch = ranks.prompt_batch(prompts, order, state.step, cfg.batch_size, run.acc)
+                row = ranks.reduce_row(run, ppo_step(run, batch))  # the mean over processes
                 if row is None:
                     break
                 state.step += 1
@@ -146,7 +147,8 @@ def ppo_step(run: PPORun, prompts: list[str]) -> dict[str, float] | None:
     t0 = time.monotonic()
     run.module.eval()  # generation and scoring; dropout is off anyway
     # 1-3. sample; the policy's logprobs (and values) come from the decode steps where the fast path keeps them
-    ro = R.generate(roles, prompts, cfg, seed=cfg.seed * 100_003 + state.step, capture=_capture(run, prompts))
+    seed = ranks.sampling_seed(cfg.seed, state.step, run.acc)  # each process samples its own answers
+    ro = R.generate(roles, prompts, cfg, seed=seed, capture=_capture(run, prompts))
     if ro.hidden is not None:
         with torch.no_grad():
             ro.values = state.value_head(ro.hidden.float()).squeeze(-1)
@@ -167,12 +169,16 @@ def ppo_step(run: PPORun, prompts: list[str]) -> dict[str, float] | None:
     # 7-8 and the PPO epochs (the prepared module's forward runs under accelerate's autocast)
     run.module.train()
     kl_coef = state.kl_ctl.value
-    with fastpath.update(run.acc):
+    with fastpath.update(run.acc), checkpointing(roles.lm.model, cfg.gradient_checkpointing):
         stats = update(run, ro)
     state.kl_ctl.update(float((ro.kl.sum(1)).mean()), len(prompts))
     row = step_metrics(ro, stats, kl_coef, cfg, time.monotonic() - t0, t_gen)
     run.emit("samples", state.step + 1, payload=_samples(ro))
-    for warning in state.monitor.check(row, cfg):
+    notes = skipped_steps_warning(stats, scaled=loss_scaler(run.acc) is not None)
+    if run.skipped >= MAX_SKIPPED_STEPS:  # skipped steps left the weights alone
+        run.stop.request(skip_reason(run.acc, run.skipped, "the policy from before them"))
+        notes.append(run.stop.reason)
+    for warning in [*notes, *state.monitor.check(row, cfg)]:
         run.emit("warning", state.step + 1, payload=warning)
     return row
 
@@ -197,6 +203,8 @@ def update(run: PPORun, ro: R.Rollout) -> dict[str, list[float]]:
         for start in range(0, n, mbs):
             idx = perm[start : start + mbs]
             _minibatch(run, ro, idx, micro=micro, first=merged and epoch == 0, entropy=epoch == 0, stats=stats)
+            if run.skipped >= MAX_SKIPPED_STEPS:
+                return stats
     return stats
 
 
@@ -223,13 +231,23 @@ def _minibatch(
         _add_chunk_stats(rows, share, pg, vf_loss, vf_clip)
         if ent is not None:
             rows["policy/entropy"] = rows.get("policy/entropy", 0.0) + float(ops.masked_mean(ent, mask)) * share
-    grad_norm = acc.clip_grad_norm_(run.state.trained, cfg.max_grad_norm)
-    if torch.isfinite(grad_norm):
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    rows["grad_norm"] = float(grad_norm)
+    _optimizer_step(run, rows)
     for key, val in rows.items():
         stats.setdefault(key, []).append(val)
+
+
+def _optimizer_step(run: PPORun, rows: dict[str, float]) -> None:
+    """Clip and step. Under fp16 the loss scaler skips a step whose gradients overflowed (and lowers its scale);
+    without one, a step whose gradient norm is not finite is skipped here. Skips are counted, never silent."""
+    grad_norm = run.acc.clip_grad_norm_(run.state.trained, run.cfg.max_grad_norm)
+    skipped = step_skipped(grad_norm)
+    if not skipped or loss_scaler(run.acc) is not None:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.skipped = run.skipped + 1 if skipped else 0
+    rows["skipped_steps"] = float(skipped)
+    if not skipped:
+        rows["grad_norm"] = float(grad_norm)
 
 
 def _add_chunk_stats(rows: dict[str, float], share: float, pg: Any, vf_loss: Any, vf_clip: Any) -> None:
@@ -337,10 +355,13 @@ def _as_list(adapter: Any) -> list[str]:
 
 
 def _value_head(reward: Any, lm: LoadedModel, runtime: Runtime) -> nn.Linear:
-    """Initialised from the reward head where the reward model shares the base, else like a reward head."""
+    """Where the reward model shares the hidden size: its normalised head, score = (raw - mean) * gain, so the
+    first values are on the scale of the scores; else initialised like a reward head."""
     head = make_head(lm.model.config.hidden_size, runtime.device)
     if isinstance(reward, RewardHandle) and reward.head.weight.shape == head.weight.shape:
-        head.load_state_dict(reward.head.state_dict())
+        with torch.no_grad():
+            head.weight.copy_(reward.head.weight * reward.gain)
+            head.bias.copy_((reward.head.bias - reward.mean) * reward.gain)
     return head
 
 

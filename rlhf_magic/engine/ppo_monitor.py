@@ -37,9 +37,18 @@ def step_metrics(
         "ppo/time/generated_tok_s": float(lengths.sum()) / max(gen_seconds, 1e-9),
     }
     for key, vals in stats.items():
-        agg = max if key.endswith("ratio_max") else statistics.fmean
+        agg = max if key.endswith("ratio_max") else sum if key == "skipped_steps" else statistics.fmean
         row[f"ppo/{key}"] = float(agg(vals))
     return row
+
+
+def skipped_steps_warning(stats: dict[str, list[float]], *, scaled: bool) -> list[str]:
+    """A warning when optimizer steps were skipped for gradients that were not finite, without a loss scaler (under
+    fp16 an overflow now and then is how the scaler finds its scale)."""
+    flags = stats.get("skipped_steps", [])
+    if scaled or not any(flags):
+        return []
+    return [f"{int(sum(flags))} of {len(flags)} optimizer steps were skipped: the gradients were not finite"]
 
 
 @dataclass

@@ -80,7 +80,8 @@ def train_reward(
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
     # 6. the loop, with held-out accuracy about six times a run; eval mode keeps every dropout off
-    evaluate = (lambda: evaluate_items(handle, evals, cfg.batch_size, cfg.margin)) if evals else None
+    acc = state.accelerator  # with several processes each scores its share of the held-out prompts
+    evaluate = (lambda: evaluate_items(handle, evals, cfg.batch_size, cfg.margin, acc)) if evals else None
     lm.model.eval()
     try:
         with stop.catch_interrupt(), use_adapter(lm, adapter):
@@ -235,13 +236,27 @@ def item_scores(handle: RewardHandle, items: list[Item], batch_size: int) -> lis
     return out
 
 
-def evaluate_items(handle: RewardHandle, items: list[Item], batch_size: int, margin: float) -> dict[str, float]:
-    scores = torch.cat(item_scores(handle, items, batch_size))
-    pairs = ops.ranking_pairs([it.groups for it in items], sizes=[len(it.rows) for it in items])
-    return {
-        "eval/loss": float(ops.pairwise_ranking_loss(scores, *pairs, margin=margin)),
-        "eval/accuracy": float(ops.pairwise_accuracy(scores, *pairs)),
-    }
+def evaluate_items(
+    handle: RewardHandle, items: list[Item], batch_size: int, margin: float, acc: Any = None
+) -> dict[str, float]:
+    """Held-out loss and pairwise accuracy. With several processes (`acc`) each scores its own share of the items
+    and the sums (each prompt weighs 1) are added up across processes: the same values as one process on all."""
+    rank, n_proc = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    if n_proc == 1:
+        scores = torch.cat(item_scores(handle, items, batch_size))
+        pairs = ops.ranking_pairs([it.groups for it in items], sizes=[len(it.rows) for it in items])
+        return {
+            "eval/loss": float(ops.pairwise_ranking_loss(scores, *pairs, margin=margin)),
+            "eval/accuracy": float(ops.pairwise_accuracy(scores, *pairs)),
+        }
+    share = items[rank::n_proc]
+    sums = torch.zeros(3, dtype=torch.float64)  # loss and accuracy times the share's weight, the weight
+    if share:
+        part = evaluate_items(handle, share, batch_size, margin)
+        weight = float(len(share))  # every prompt's pairs weigh 1 in all
+        sums = torch.tensor([part["eval/loss"] * weight, part["eval/accuracy"] * weight, weight], dtype=torch.float64)
+    sums = acc.reduce(sums.to(acc.device), "sum")
+    return {"eval/loss": float(sums[0] / sums[2]), "eval/accuracy": float(sums[1] / sums[2])}
 
 
 def sample_sft(

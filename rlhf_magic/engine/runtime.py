@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import os
 import random
@@ -18,7 +19,7 @@ from . import fastpath
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from .models import LoadedModel
+    from .models import LoadedModel, Workload
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -37,7 +38,16 @@ def pick_device(name: str | None = None) -> torch.device:
         raise ConfigError("device = 'mps' but this torch build has no MPS support; use 'cpu'")
     if name not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"device = {name!r} is not valid; expected 'cuda', 'mps' or 'cpu'")
-    return torch.device(name)
+    return process_gpu() if name == "cuda" else torch.device(name)
+
+
+def process_gpu() -> torch.device:
+    """This process's GPU, as accelerate's PartialState picks it (without starting it): under `accelerate launch`
+    each process owns cuda:(LOCAL_RANK mod GPUs), so every process loads its weights onto its own GPU."""
+    rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    if rank < 0:
+        return torch.device("cuda")
+    return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
 
 
 def pick_precision(device: torch.device, name: str | None = None) -> str:
@@ -71,14 +81,15 @@ class Runtime:
         self.device = pick_device(device)
         self.precision = pick_precision(self.device, precision)
         self.fast_path = fast_path  # the CPU fast path (engine/fastpath), where the environment allows it
-        self._models: dict[str, LoadedModel] = {}
+        self._models: dict[tuple, LoadedModel] = {}  # (spec, revision, dtype): what changes the weights
+        self.trusted: set[str] = set()  # models whose own code may run (trust_remote_code, from the Python API)
         self._accelerator: Accelerator | None = None
         self._acc_key: tuple | None = None
 
     def __repr__(self) -> str:
         return (
             f"Runtime(device={self.device.type!r}, precision={self.precision!r}, fast_path={self.fast_path}, "
-            f"models={list(self._models)})"
+            f"models={[k[0] for k in self._models]})"
         )
 
     def with_overrides(self, device: str | None, precision: str | None, fast_path: bool | None = None) -> Runtime:
@@ -128,20 +139,59 @@ class Runtime:
             yield
 
     # ---------------------------------------------------------------------------------------- models
-    def load(self, spec: str, trust_remote_code: bool = False) -> LoadedModel:
-        """A cached model: a later stage reuses the weights in memory instead of reloading them."""
-        from .models import load_model
+    def weight_dtype(self, master: bool = False) -> torch.dtype:
+        """bf16 weights on a bf16 GPU; fp32 elsewhere: CPU bf16 and GPU fp16 are autocast over fp32 weights. `master`
+        (a copy every weight of which trains) keeps fp32 master weights: AdamW on bf16 weights drops small updates."""
+        if self.device.type == "cuda" and self.precision == "bf16" and not master:
+            return torch.bfloat16
+        return torch.float32
 
-        key = str(spec)
+    def trust(self, spec: Any) -> None:
+        """Let `spec`'s own modelling code run when it loads (the Python API's trust_remote_code=True)."""
+        if isinstance(spec, str):
+            self.trusted.add(spec)
+
+    def load(
+        self,
+        spec: str,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        workload: Workload | None = None,
+    ) -> LoadedModel:
+        """A cached model: a later stage reuses the weights in memory instead of reloading them."""
+        key = (str(spec), revision, self.weight_dtype())
         if key not in self._models:
-            self._models[key] = load_model(key, self.device, trust_remote_code=trust_remote_code)
+            self._models[key] = self._load(key[0], revision, trust_remote_code, workload, master=False)
         return self._models[key]
 
-    def load_fresh(self, spec: str, trust_remote_code: bool = False) -> LoadedModel:
-        """An uncached copy, for full fine-tuning (the cached base must stay pristine)."""
-        from .models import load_model
+    def load_fresh(
+        self,
+        spec: str,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        workload: Workload | None = None,
+    ) -> LoadedModel:
+        """An uncached copy, for full fine-tuning (the cached base must stay pristine), in fp32 master weights."""
+        return self._load(str(spec), revision, trust_remote_code, workload, master=True)
 
-        return load_model(str(spec), self.device, trust_remote_code=trust_remote_code)
+    def _load(
+        self, spec: str, revision: str | None, trust: bool, workload: Workload | None, master: bool
+    ) -> LoadedModel:
+        from .models import Workload, load_model
+
+        work = workload or Workload()
+        if self.precision != "fp32" and self.device.type != "mps":  # activations come out of 16-bit autocast
+            work = dataclasses.replace(work, act_bytes=2)
+        return load_model(
+            spec,
+            self.device,
+            dtype=self.weight_dtype(master),
+            revision=revision,
+            trust_remote_code=trust or spec in self.trusted,
+            workload=work,
+        )
 
     def release(self) -> None:
         """Drop cached models (on `%unload_ext`)."""

@@ -80,23 +80,30 @@ def train_sft(
 
 
 def resolve_start(cfg: Any, runtime: Runtime) -> tuple[LoadedModel, str | None, tuple[str, ...]]:
-    """(model to train on, adapter to copy first, parents). Full fine-tuning gets a private copy."""
-    src = cfg.model
+    """(model to train on, adapter to copy first, parents). Full fine-tuning gets a private copy (fp32 master weights);
+    a model named by a string is refused before loading when the stage cannot fit in memory."""
+    from .models import Workload
+
+    src, revision = cfg.model, getattr(cfg, "revision", None)
     if isinstance(src, PolicyHandle):
+        if revision is not None:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"revision = {revision!r} applies to a hub model id, not to the policy {src.name!r}")
         if not cfg.lora:
             import copy
 
-            lm = src.lm
-            private = LoadedModel(lm.spec, copy.deepcopy(lm.model), lm.tokenizer, lm.source)
-            if src.adapter:  # full fine-tuning from a LoRA result: start from its merged weights
-                from .adapters import merged_copy
+            from .adapters import merged_copy
 
-                private.model = merged_copy(lm, src.adapter)
+            lm = src.lm  # full fine-tuning from a LoRA result starts from its merged weights
+            model = merged_copy(lm, src.adapter) if src.adapter else copy.deepcopy(lm.model)
+            private = LoadedModel(lm.spec, model.to(runtime.weight_dtype(master=True)), lm.tokenizer, lm.source)
             return private, None, (src.name,)
         return src.lm, src.adapter, (src.name,)
     if not isinstance(src, str):
         raise DataError(f"model = {src!r} is not valid; expected a model name, a checkpoint path or a policy handle")
-    lm = runtime.load(src) if cfg.lora else runtime.load_fresh(src)
+    kw = {"revision": revision, "workload": Workload.of(cfg)}
+    lm = runtime.load(src, **kw) if cfg.lora else runtime.load_fresh(src, **kw)
     return lm, None, (src,)
 
 
@@ -139,17 +146,27 @@ def _n_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _evaluator(state: TrainState, evals: list[Example], batch_size: int, pad: int) -> Any:
+    """The eval loss per answer token. With several processes each scores its own share of `evals` (on the module
+    without its DDP wrapper: shares may differ in batches, and no pass may wait for the other processes) and the
+    token-weighted sums are added up across processes: the same value as one process on all of them."""
+    acc = state.accelerator
+    rank, n_proc = acc.process_index, acc.num_processes
+    share = evals[rank::n_proc]
+
     def evaluate() -> dict[str, float]:
-        module = state.module
+        module = state.module if n_proc == 1 else acc.unwrap_model(state.module)
         module.eval()
         total, n = 0.0, 0
         with torch.no_grad():
-            for i in range(0, len(evals), batch_size):
-                batch = {k: v.to(state.device) for k, v in collate(evals[i : i + batch_size], pad).items()}
+            for i in range(0, len(share), batch_size):
+                batch = {k: v.to(state.device) for k, v in collate(share[i : i + batch_size], pad).items()}
                 k = int((batch["labels"][:, 1:] != IGNORE).sum())
                 total += float(module(**batch)) * k
                 n += k
         module.train()
+        if n_proc > 1:
+            sums = acc.reduce(torch.tensor([total, n], dtype=torch.float64, device=acc.device), "sum")
+            total, n = float(sums[0]), int(sums[1])
         return {"eval/loss": total / max(n, 1)}
 
     return evaluate

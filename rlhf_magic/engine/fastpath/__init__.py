@@ -9,7 +9,7 @@ returns the plain transformers/peft/torch behaviour: the path a GPU runs. What t
   computed once per rollout, and the PPO update in memory-bounded chunks reusing a tensor memory pool;
 - precision 'bf16': kept bf16 copies of frozen weights, fp32 attention, bf16 saved activations.
 
-Everything that replaces third-party code goes through patching.patched (re-entrant, thread-safe, restored on
+Everything that replaces third-party code goes through engine/patching.py (re-entrant, thread-safe, restored on
 error). RLHF_MAGIC_NATIVE=0 turns off the compiled parts alone (kernels, memory pool).
 """
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .patching import PROCESS, patched
+from ..patching import PROCESS, patched
 
 _TORCH_LINEAR = nn.Linear.forward  # torch's own, as imported (before any patch)
 _TORCH_SDPA = F.scaled_dot_product_attention

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from ..patching import PROCESS
 from .native import build_library
-from .patching import PROCESS
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Leaner forwards of peft's LoRA layers and Llama's SwiGLU MLP: the same sums, fewer temporaries, less kept for
-backward. Each is installed through patching.patched and dispatches on a context variable, so only the thread
+backward. Each is installed through engine/patching.py and dispatches on a context variable, so only the thread
 inside lean_lora() / lean_mlp() runs it."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..patching import original, patched
 from . import cpu_bf16
-from .patching import original, patched
 
 _LEAN_LORA: ContextVar[bool] = ContextVar("rlhf_magic_lean_lora", default=False)
 _LEAN_MLP: ContextVar[bool] = ContextVar("rlhf_magic_lean_mlp", default=False)

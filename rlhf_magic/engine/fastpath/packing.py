@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .patching import patched
+from ..patching import patched
 
 MODEL_TYPES = ("llama",)
 MAX_TOKENS = 8192  # longest packed sequence

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .patching import patched
+from ..patching import patched
 
 MODEL_TYPES = ("llama",)
 Prefix = tuple[int, torch.Tensor]  # (depth, hidden states after the bottom `depth` layers, before the final norm)

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ... import ops
+from ..patching import original, patched
 from . import cpu_bf16, native
 from .decode import lean_sample, supports
 from .lean import lean_lora
-from .patching import original, patched
 
 SKINNY_ROWS = 256  # products of up to this many rows take the weight as the left operand
 

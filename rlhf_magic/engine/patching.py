@@ -1,4 +1,4 @@
-"""The one place that replaces third-party attributes at run time, and the fast path's process-wide state.
+"""The one place that replaces third-party attributes at run time, and the engine's process-wide state.
 
 `patched(owner, name, value)` sets `owner.name` inside a `with` block and puts the original back when the last
 block that patched it ends, also on error. Blocks may nest and may run in several threads at once: each attribute
@@ -29,10 +29,12 @@ class _Patch:
 
 @dataclass
 class ProcessState:
-    """Why process-wide: the attributes patched here (classes, torch functions) are shared by every thread, and a
-    bf16 copy of a weight serves every model that holds that weight."""
+    """Why process-wide: the attributes patched here (classes, torch functions) are shared by every thread, a bf16
+    copy of a weight serves every model that holds that weight, and one model's generate() stands in its config
+    for the model's own (generation.py), so two threads must not do that at once."""
 
     lock: threading.RLock = field(default_factory=threading.RLock)
+    generate_lock: threading.Lock = field(default_factory=threading.Lock)
     patches: dict[tuple[int, str], _Patch] = field(default_factory=dict)
     bf16_copies: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # weight -> (version, copy)
     pool_depth: int = 0  # nesting of cpu_pool.pooled(): only the outermost one starts and ends the pool

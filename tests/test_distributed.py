@@ -1,0 +1,373 @@
+"""Data parallelism: each stage under `accelerate launch` with two CPU processes, and the rank logic in one process.
+
+The slow tests launch this file itself (see `_launched` at the end): it runs `rlhf_magic.cli.main` with spies that
+log, per process, the training rows it saw, the rollouts it sampled (prompts, seed, answers), its raw PPO rows,
+its metric history and every folder it saved. The stages chain through files: SFT saves runs/sft, the reward
+model trains from it and saves runs/rm, PPO loads both.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+BIN = Path(sys.executable).parent
+
+
+# ------------------------------------------------------------------------------------------------ one process
+class FakeRank:
+    """One of two processes, simulated: `reduce` adds the partner's tensor (the partner runs first, unreduced)."""
+
+    def __init__(self, rank: int, partner: FakeRank | None = None, processes: int = 2):
+        self.process_index, self.num_processes, self.device = rank, processes, torch.device("cpu")
+        self.partner, self.sent = partner, None
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        self.sent = tensor.clone()
+        if self.partner is None:
+            return tensor
+        other = self.partner.sent
+        return {"sum": tensor + other, "mean": (tensor + other) / 2, "max": torch.maximum(tensor, other)}[reduction]
+
+    def unwrap_model(self, module: Any) -> Any:
+        return module
+
+
+def _two_ranks(run: Any) -> tuple[Any, FakeRank, FakeRank]:
+    """run(acc) on rank 1, then on rank 0 with rank 1's sums: rank 0's result is what an all-reduce gives."""
+    r1 = FakeRank(1)
+    run(r1)
+    r0 = FakeRank(0, partner=r1)
+    return run(r0), r0, r1
+
+
+def _tiny_lm() -> Any:
+    from rlhf_magic.engine.models import LoadedModel
+    from rlhf_magic.engine.tiny import tiny_model
+
+    model, tok = tiny_model()
+    return LoadedModel("tiny", model, tok, "tiny")
+
+
+def test_sft_eval_split_over_two_ranks_equals_one_process(pairs):
+    from rlhf_magic.config import SFTConfig
+    from rlhf_magic.engine.modules import TokenLoss
+    from rlhf_magic.engine.sft import _evaluator, prepare_data
+    from rlhf_magic.engine.text import IGNORE
+
+    lm = _tiny_lm()
+    _, evals, _ = prepare_data(SFTConfig(model="tiny", data=pairs[:14], eval_fraction=0.5), lm)
+    assert len(evals) == 7  # shares of 4 and 3 examples, in batches of 2: different batches than one process
+
+    def run(acc: Any) -> dict[str, float]:
+        state = SimpleNamespace(accelerator=acc, module=TokenLoss(lm.model), device=torch.device("cpu"))
+        return _evaluator(state, evals, 2, lm.tokenizer.pad_token_id)()
+
+    single = run(FakeRank(0, processes=1))
+    split, r0, r1 = _two_ranks(run)
+    assert split["eval/loss"] == pytest.approx(single["eval/loss"], rel=1e-6)
+    tokens = [int(r.sent[1]) for r in (r0, r1)]  # each rank scored its own share of the answer tokens
+    assert min(tokens) > 0 and sum(tokens) == sum(sum(t != IGNORE for t in e.labels[1:]) for e in evals)
+
+
+def test_reward_eval_split_over_two_ranks_equals_one_process():
+    from rlhf_magic.engine import reward as R
+    from rlhf_magic.engine.reward_model import RewardHandle, make_head
+    from rlhf_magic.engine.runtime import Runtime
+    from rlhf_magic.preferences import Preferences
+
+    lm = _tiny_lm()
+    head = make_head(lm.model.config.hidden_size, torch.device("cpu"))
+    handle = RewardHandle("rm", lm, head, runtime=Runtime("cpu"))
+    answers = [["a" * (i + 1), "bb" * (i % 3 + 1), "c"] for i in range(7)]
+    records = [
+        {"prompt": f"Say {i}.", "responses": a, "ranking": [(i + j) % 3 for j in range(3)]}
+        for i, a in enumerate(answers)
+    ]
+    items = R.load_items(Preferences.from_records(records), lm.tokenizer, 64)
+
+    single = R.evaluate_items(handle, items, 2, 0.0)
+    split, _, r1 = _two_ranks(lambda acc: R.evaluate_items(handle, items, 2, 0.0, acc))
+    assert split == pytest.approx(single, rel=1e-6)
+    assert 0 < float(r1.sent[2]) < len(items)  # rank 1 scored a share of the prompts, not all of them
+
+
+def test_each_rank_draws_its_own_prompts_and_seed_and_one_process_is_unchanged():
+    from rlhf_magic.engine import ranks
+    from rlhf_magic.engine.ppo import _prompt_order
+
+    prompts = [f"p{i}" for i in range(10)]
+    order = _prompt_order(len(prompts), 3)
+    one = FakeRank(0, processes=1)
+    for step in range(4):  # one process: the slice it always took, and the seed it always used
+        assert ranks.prompt_batch(prompts, order, step, 4, one) == [
+            prompts[order[(step * 4 + i) % 10]] for i in range(4)
+        ]
+        assert ranks.sampling_seed(7, step, one) == 7 * 100_003 + step
+    a, b = (ranks.prompt_batch(prompts, order, 1, 2, FakeRank(r)) for r in (0, 1))
+    assert not set(a) & set(b) and a + b == [prompts[i] for i in order[4:8]]  # step 1's two slices, one per rank
+    seeds = {ranks.sampling_seed(7, step, FakeRank(r)) for r in (0, 1) for step in range(100)}
+    assert len(seeds) == 200
+
+
+def test_ppo_metrics_are_averaged_and_the_kl_controller_steps_on_the_mean_kl():
+    from rlhf_magic.engine import ranks
+    from rlhf_magic.engine.kl_control import AdaptiveKLController
+
+    cfg = SimpleNamespace(kl_estimator="k1", batch_size=4)
+    rows = {
+        0: {
+            "ppo/objective/scores": 1.0,
+            "ppo/objective/kl": 0.5,
+            "ppo/objective/kl_coef": 0.1,
+            "ppo/policy/ratio_max": 1.5,
+        },
+        1: {
+            "ppo/objective/scores": 3.0,
+            "ppo/objective/kl": 2.5,
+            "ppo/objective/kl_coef": 0.1,
+            "ppo/policy/ratio_max": 1.2,
+        },
+    }
+
+    def run(acc: Any) -> dict[str, float] | None:
+        ctl = AdaptiveKLController(0.1, 1.0, 100)
+        ctl.update(rows[acc.process_index]["ppo/objective/kl"], 4)  # what ppo_step did with this rank's KL
+        out = ranks.reduce_row(
+            SimpleNamespace(acc=acc, cfg=cfg, state=SimpleNamespace(kl_ctl=ctl)), rows[acc.process_index]
+        )
+        return {**out, "kl_ctl": ctl.value}
+
+    out, _, _ = _two_ranks(run)
+    assert out["ppo/objective/scores"] == pytest.approx(2.0) and out["ppo/objective/kl"] == pytest.approx(1.5)
+    assert out["ppo/policy/ratio_max"] == pytest.approx(1.5)  # a maximum stays a maximum
+    assert out["kl_ctl"] == pytest.approx(AdaptiveKLController(0.1, 1.0, 100).update(1.5, 8))
+    assert ranks.reduce_row(SimpleNamespace(acc=FakeRank(0, processes=1)), rows[0]) is rows[0]
+
+
+def test_several_processes_run_the_same_ppo_chunks(monkeypatch):
+    from rlhf_magic.config import PPOConfig
+    from rlhf_magic.engine.ranks import same_chunks
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert same_chunks(PPOConfig(mini_batch_size=4)).micro_batch_size is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert same_chunks(PPOConfig(mini_batch_size=4)).micro_batch_size == 4
+    assert same_chunks(PPOConfig(mini_batch_size=4, micro_batch_size=2)).micro_batch_size == 2
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(root: Path, stage: str, config: str) -> dict[str, Any]:
+    """`rlhf-magic STAGE CONFIG` in two CPU processes (gloo); returns the summary, stdout and each rank's log."""
+    (root / f"{stage}.toml").write_text(config)
+    spies = root / f"spy-{stage}"
+    spies.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["RLHF_MAGIC_TEST_SPIES"] = str(spies)
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd += [__file__, stage, str(root / f"{stage}.toml"), "--summary", str(root / f"{stage}.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = [json.loads((spies / f"rank{r}.json").read_text()) for r in (0, 1)]
+    summary = json.loads((root / f"{stage}.json").read_text())
+    return {"summary": summary, "stdout": proc.stdout, "logs": logs}
+
+
+def _check_common(run: dict[str, Any], out: Path) -> None:
+    """Identical weights, metrics identical on both ranks and printed once, one save by rank 0."""
+    a, b = run["summary"]["param_checksums"]
+    assert run["summary"]["num_processes"] == 2 and a == pytest.approx(b, rel=1e-12) and a > 0
+    assert run["logs"][0]["history"] == run["logs"][1]["history"]  # reduced: the same on every process
+    printed = [line for line in run["stdout"].splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0]) == run["summary"]["metrics"]
+    assert run["logs"][0]["saved"] == [str(out.resolve())] and run["logs"][1]["saved"] == []
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def sft_run(runs):
+    pairs = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}." + "!" * (i % 5)} for i in range(20)]
+    (runs / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config = (
+        'model = "tiny"\ndata = "pairs.jsonl"\nepochs = 2\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\n'
+        'output_dir = "sft"\n[lora]\nr = 4\n'
+    )
+    return launch(runs, "sft", config)
+
+
+@pytest.mark.slow
+def test_sft_two_processes_split_the_data_and_the_eval(runs, sft_run):
+    from rlhf_magic.cli import read_config_file
+    from rlhf_magic.config import SFTConfig, build_config
+    from rlhf_magic.engine.modules import TokenLoss
+    from rlhf_magic.engine.sft import _evaluator, prepare_data
+
+    _check_common(sft_run, runs / "sft")
+    lm = _loaded(runs / "sft")
+    cfg = build_config(SFTConfig, {**read_config_file(runs / "sft.toml"), "data": str(runs / "pairs.jsonl")})
+    train, evals, _ = prepare_data(cfg, lm)
+    seen = [collections.Counter(map(tuple, log["rows"])) for log in sft_run["logs"]]
+    assert sft_run["summary"]["metrics"]["steps"] == 4  # 16 examples, batch 4, 2 epochs, split over 2 processes
+    assert seen[0] != seen[1] and seen[0] + seen[1] == collections.Counter(
+        {tuple(e.input_ids): 2 for e in train}
+    )  # each process its own share: together every example once an epoch
+    state = SimpleNamespace(accelerator=FakeRank(0, processes=1), module=TokenLoss(lm.model), device=lm.model.device)
+    single = _evaluator(state, evals, cfg.batch_size, lm.tokenizer.pad_token_id)()["eval/loss"]
+    assert sft_run["summary"]["metrics"]["eval/loss"] == pytest.approx(single, rel=1e-4)  # split, then added up
+
+
+def _loaded(path: Path) -> Any:
+    from rlhf_magic.engine.runtime import Runtime
+
+    return Runtime("cpu").load(str(path))
+
+
+@pytest.fixture(scope="module")
+def reward_run(runs, sft_run):
+    records = [
+        {
+            "prompt": f"Say something, {i}.",
+            "responses": ["q" * (i % 4 + 1), "ab" * (i % 3 + 1), "z"],
+            "ranking": [0, 1, 2],
+        }
+        for i in range(20)
+    ]
+    (runs / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = (
+        'model = "sft"\ndata = "prefs.jsonl"\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\nnormalize = false\n'
+        'output_dir = "rm"\n[lora]\nr = 4\n'
+    )
+    return launch(runs, "reward", config)
+
+
+@pytest.mark.slow
+def test_reward_two_processes_split_the_data_and_the_eval(runs, reward_run):
+    from rlhf_magic.engine import reward as R
+    from rlhf_magic.engine.reward_model import load_reward
+    from rlhf_magic.engine.runtime import Runtime
+    from rlhf_magic.preferences import Preferences
+
+    _check_common(reward_run, runs / "rm")
+    rm = load_reward(runs / "rm", Runtime("cpu"))
+    items = R.load_items(Preferences.load(runs / "prefs.jsonl"), rm.tokenizer, 512)
+    train, evals = R.split(items, 0.2, 0)
+    seen = [collections.Counter(map(tuple, log["rows"])) for log in reward_run["logs"]]
+    assert reward_run["summary"]["metrics"]["steps"] == 2  # 16 prompts, 4 a batch, split over 2 processes
+    assert seen[0] != seen[1] and seen[0] + seen[1] == collections.Counter(
+        tuple(row) for it in train for row in it.rows
+    )
+    last = [row for row in reward_run["logs"][0]["history"] if "eval/accuracy" in row][-1]
+    single = R.evaluate_items(rm, evals, 4, 0.0)
+    assert last["eval/loss"] == pytest.approx(single["eval/loss"], rel=1e-4)
+    assert last["eval/accuracy"] == pytest.approx(single["eval/accuracy"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ppo_run(runs, sft_run, reward_run):
+    (runs / "prompts.txt").write_text("".join(f"Tell me about number {i}.\n" for i in range(8)))
+    config = (
+        'policy = "sft"\nreward = "rm"\nprompts = "prompts.txt"\nsteps = 2\nbatch_size = 2\nmini_batch_size = 2\n'
+        'num_ppo_epochs = 1\nmax_new_tokens = 8\nlr = 0.001\noutput_dir = "ppo"\n[lora]\nr = 4\n'
+    )
+    return launch(runs, "ppo", config)
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_sample_their_own_prompts_with_their_own_seeds(runs, ppo_run):
+    _check_common(ppo_run, runs / "ppo")
+    rollouts = [log["rollouts"] for log in ppo_run["logs"]]
+    assert len(rollouts[0]) == len(rollouts[1]) == 2
+    for mine, theirs in zip(*rollouts):
+        assert mine["seed"] != theirs["seed"] and not set(mine["prompts"]) & set(theirs["prompts"])
+        assert mine["texts"] != theirs["texts"]
+    drawn = collections.Counter(p for r in rollouts for step in r for p in step["prompts"])
+    assert drawn == collections.Counter(f"Tell me about number {i}." for i in range(8))  # each prompt once
+    raw = [log["ppo_rows"] for log in ppo_run["logs"]]
+    for step, logged in enumerate(ppo_run["logs"][0]["history"]):
+        mean = (raw[0][step]["ppo/objective/scores"] + raw[1][step]["ppo/objective/scores"]) / 2
+        assert logged["ppo/objective/scores"] == pytest.approx(mean, rel=1e-9)
+        assert raw[0][step]["ppo/objective/scores"] != raw[1][step]["ppo/objective/scores"]
+
+
+# ------------------------------------------------------------------------------------------------ the launched side
+def _launched(argv: list[str]) -> int:
+    """A process of `launch`: the CLI, with spies that log what this process did to RLHF_MAGIC_TEST_SPIES."""
+    from rlhf_magic import cli
+    from rlhf_magic.engine import handles, ppo, reward, reward_model, rollout, sft
+
+    log: dict[str, list] = {"rows": [], "rollouts": [], "ppo_rows": [], "saved": [], "history": []}
+    for module in (sft, reward):
+        _spy_rows(module, log["rows"])
+    for module in (handles, reward_model):
+        _spy_saves(module, log["saved"])
+    generate, step, summary = rollout.generate, ppo.ppo_step, cli._summary
+
+    def spy_generate(roles: Any, prompts: list[str], cfg: Any, seed: int, capture: bool = False) -> Any:
+        ro = generate(roles, prompts, cfg, seed, capture)
+        log["rollouts"].append({"prompts": list(prompts), "seed": seed, "texts": list(ro.texts)})
+        return ro
+
+    def spy_step(run: Any, prompts: list[str]) -> Any:
+        row = step(run, prompts)
+        log["ppo_rows"].append(dict(row) if row else None)
+        return row
+
+    def spy_summary(handle: Any) -> dict[str, Any]:
+        log["history"] = handle.metrics.history
+        return summary(handle)
+
+    rollout.generate, ppo.ppo_step, cli._summary = spy_generate, spy_step, spy_summary
+    code = cli.main(argv)
+    out = Path(os.environ["RLHF_MAGIC_TEST_SPIES"]) / f"rank{os.environ.get('RANK', '0')}.json"
+    out.write_text(json.dumps(log, default=float))
+    return code
+
+
+def _spy_rows(module: Any, rows: list) -> None:
+    """Log the unpadded token rows of every training batch this process runs."""
+    original = module.run_steps
+
+    def run_steps(*args: Any, tokens_of: Any, **kwargs: Any) -> Any:
+        def counted(batch: dict[str, torch.Tensor]) -> int:
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            rows.extend(ids[i][mask[i]].tolist() for i in range(ids.shape[0]))
+            return tokens_of(batch)
+
+        return original(*args, tokens_of=counted, **kwargs)
+
+    module.run_steps = run_steps
+
+
+def _spy_saves(module: Any, saved: list) -> None:
+    original = module.atomic_dir
+
+    def atomic_dir(path: Path, write: Any) -> Path:
+        saved.append(str(Path(path).expanduser().resolve()))
+        return original(path, write)
+
+    module.atomic_dir = atomic_dir
+
+
+if __name__ == "__main__":
+    sys.exit(_launched(sys.argv[1:]))
