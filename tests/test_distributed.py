@@ -9,6 +9,7 @@ model trains from it and saves runs/rm, PPO loads both.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import socket
@@ -153,6 +154,31 @@ def test_ppo_metrics_are_averaged_and_the_kl_controller_steps_on_the_mean_kl():
     assert out["ppo/policy/ratio_max"] == pytest.approx(1.5)  # a maximum stays a maximum
     assert out["kl_ctl"] == pytest.approx(AdaptiveKLController(0.1, 1.0, 100).update(1.5, 8))
     assert ranks.reduce_row(SimpleNamespace(acc=FakeRank(0, processes=1)), rows[0]) is rows[0]
+
+
+def test_a_bad_reward_in_one_process_stops_every_process():
+    """Non-finite rewards in one rank only: every rank must stop before its update, or DDP would wait forever."""
+    from rlhf_magic.engine import ranks
+
+    other_bad = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=lambda t, op: t + 1.0)
+    other_fine = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=lambda t, op: t)
+    assert ranks.any_rank(other_bad, False) and ranks.any_rank(other_fine, True)
+    assert not ranks.any_rank(other_fine, False)
+    assert ranks.any_rank(SimpleNamespace(num_processes=1), True) and not ranks.any_rank(SimpleNamespace(), False)
+
+
+def test_ppo_without_lora_trains_fp32_master_weights_of_a_16_bit_policy(pairs):
+    """On a bf16 GPU the shared policy's weights are bf16; PPO's private full copy must train in fp32."""
+    from rlhf_magic import api
+    from rlhf_magic.config import PPOConfig, build_config
+    from rlhf_magic.engine import ppo as P
+
+    sft = api.sft("m16", model="tiny", data=pairs, max_steps=1, lora=False, progress=False)
+    sft.lm.model.to(torch.bfloat16)  # as a bf16 GPU loads it
+    cfg = build_config(PPOConfig, {"policy": sft, "reward": lambda p, r: [0.0] * len(r), "prompts": ["x"]})
+    handle = P._new_handle(dataclasses.replace(cfg, lora=None), "m16-ppo", sft.runtime)
+    assert {p.dtype for p in handle.ppo.trained} == {torch.float32}
+    assert {p.dtype for p in sft.lm.model.parameters()} == {torch.bfloat16}  # the reference stays as it was
 
 
 def test_several_processes_run_the_same_ppo_chunks(monkeypatch):

@@ -159,10 +159,11 @@ def ppo_step(run: PPORun, prompts: list[str]) -> dict[str, float] | None:
     ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
     R.score(roles, ro, cfg.missing_eos_penalty)
     bad = R.first_bad_score(ro.scores)
-    if bad is not None:
+    if ranks.any_rank(run.acc, bad is not None):  # every process stops together, or DDP would wait forever
+        where = f"{float(ro.scores[bad])} for answer {bad} ({ro.texts[bad][:60]!r})" if bad is not None else ""
         run.stop.request(
-            f"the reward was {float(ro.scores[bad])} for answer {bad} ({ro.texts[bad][:60]!r}); the "
-            f"result keeps the policy of step {state.step}"
+            f"the reward was {where or 'not finite in another process'}; the result keeps the policy of step "
+            f"{state.step}"
         )
         run.emit("warning", state.step, payload=run.stop.reason)
         return None
@@ -328,7 +329,8 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     else:
         from .adapters import merged_copy
 
-        lm = LoadedModel(pol.lm.spec, copy.deepcopy(merged_copy(pol.lm, pol.adapter)), pol.lm.tokenizer, pol.lm.source)
+        model = copy.deepcopy(merged_copy(pol.lm, pol.adapter)).to(runtime.weight_dtype(master=True))
+        lm = LoadedModel(pol.lm.spec, model, pol.lm.tokenizer, pol.lm.source)  # fp32 master weights: all train
         ref_lm, policy, trained = pol.lm, None, list(lm.model.parameters())
     reference = pol.adapter
     value_head = _value_head(cfg.reward, lm, runtime)

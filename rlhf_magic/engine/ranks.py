@@ -67,3 +67,10 @@ def reduce_row(run: Any, row: dict[str, float] | None) -> dict[str, float] | Non
     ctl.value = row["ppo/objective/kl_coef"]  # its value before this rank's own update
     ctl.update(kl, run.cfg.batch_size * acc.num_processes)
     return {k: out[k] for k in row}
+
+
+def any_rank(acc: Any, flag: bool) -> bool:
+    """Whether `flag` holds in any process (one process: `flag`)."""
+    if getattr(acc, "num_processes", 1) == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), "sum").item() > 0)
