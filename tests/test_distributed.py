@@ -397,3 +397,20 @@ def _spy_saves(module: Any, saved: list) -> None:
 
 if __name__ == "__main__":
     sys.exit(_launched(sys.argv[1:]))
+
+
+def test_ppo_health_warnings_read_the_metrics_of_all_processes(pairs, monkeypatch):
+    """The monitor checks the row reduced over processes, not one process's own share of the batch."""
+    from rlhf_magic import api
+    from rlhf_magic.engine import ranks
+
+    def all_ranks_mean(run, row):  # as if the other process's KL had pulled the mean below zero
+        return None if row is None else {**row, "ppo/objective/kl": -1.0}
+
+    monkeypatch.setattr(ranks, "reduce_row", all_ranks_mean)
+    warnings: list[str] = []
+    sft = api.sft("warn-sft", model="tiny", data=pairs, max_steps=2, progress=False)
+    api.ppo("warn-ppo", policy=sft, reward=lambda p, r: [0.0] * len(r), prompts=["x", "y"], steps=1, batch_size=2,
+            mini_batch_size=2, max_new_tokens=4, progress=False,
+            callbacks=[lambda ev: ev.kind == "warning" and warnings.append(ev.payload)])  # fmt: skip
+    assert any("KL to the SFT policy is negative (-1.000)" in w for w in warnings), warnings

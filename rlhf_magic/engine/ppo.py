@@ -111,6 +111,8 @@ def train_ppo(
                 row = ranks.reduce_row(run, ppo_step(run, batch))  # the mean over processes
                 if row is None:
                     break
+                for warning in state.monitor.check(row, cfg):  # on the whole batch's metrics
+                    emit("warning", state.step + 1, payload=warning)
                 state.step += 1
                 handle.metrics.log(state.step, row)
                 emit("step", state.step, row)
@@ -179,7 +181,7 @@ def ppo_step(run: PPORun, prompts: list[str]) -> dict[str, float] | None:
     if run.skipped >= MAX_SKIPPED_STEPS:  # skipped steps left the weights alone
         run.stop.request(skip_reason(run.acc, run.skipped, "the policy from before them"))
         notes.append(run.stop.reason)
-    for warning in [*notes, *state.monitor.check(row, cfg)]:
+    for warning in notes:
         run.emit("warning", state.step + 1, payload=warning)
     return row
 
