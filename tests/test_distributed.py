@@ -103,6 +103,25 @@ def test_reward_eval_split_over_two_ranks_equals_one_process():
     assert 0 < float(r1.sent[2]) < len(items)  # rank 1 scored a share of the prompts, not all of them
 
 
+def test_reward_report_scores_are_split_over_two_ranks_and_equal_one_process():
+    """The end-of-run report (histogram, accuracy in the summary): each rank scores a share, every rank gets all."""
+    from rlhf_magic.engine import reward as R
+    from rlhf_magic.engine.reward_model import RewardHandle, make_head
+    from rlhf_magic.engine.runtime import Runtime
+    from rlhf_magic.preferences import Preferences
+
+    lm = _tiny_lm()
+    handle = RewardHandle("rm", lm, make_head(lm.model.config.hidden_size, torch.device("cpu")), runtime=Runtime("cpu"))
+    records = [{"prompt": f"Say {i}.", "responses": ["a" * (i + 1), "bb", "c"], "ranking": [(i + j) % 3 for j in
+               range(3)]} for i in range(5)]  # fmt: skip
+    items = R.load_items(Preferences.from_records(records), lm.tokenizer, 64)
+    single = R.item_scores(handle, items, 2)
+    split, _, r1 = _two_ranks(lambda acc: R.item_scores(handle, items, 2, acc))
+    torch.testing.assert_close(torch.cat(split), torch.cat(single), rtol=1e-6, atol=1e-6)
+    assert [len(s) for s in split] == [len(s) for s in single]
+    assert 0 < int((r1.sent != 0).sum()) < sum(len(it.rows) for it in items)  # rank 1 scored only its share
+
+
 def test_each_rank_draws_its_own_prompts_and_seed_and_one_process_is_unchanged():
     from rlhf_magic.engine import ranks
     from rlhf_magic.engine.ppo import _prompt_order

@@ -92,7 +92,7 @@ def train_reward(
     # 7. normalise on the SFT answers, then show what the model learned
     norm_stats = normalize(handle, cfg.normalize, *norm) if norm else {}
     shown = evals or random.Random(cfg.seed).sample(train, min(REPORT_MAX, len(train)))
-    final = report(handle, shown, cfg.batch_size, emit)
+    final = report(handle, shown, cfg.batch_size, emit, state.accelerator)
     handle.metrics.summary.update({**_summary(handle, state, stop, final, bool(evals)), **norm_stats})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
@@ -224,8 +224,17 @@ def collate(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def item_scores(handle: RewardHandle, items: list[Item], batch_size: int) -> list[torch.Tensor]:
-    """Raw scores of every answer, one tensor per item."""
+def item_scores(handle: RewardHandle, items: list[Item], batch_size: int, acc: Any = None) -> list[torch.Tensor]:
+    """Raw scores of every answer, one tensor per item. With several processes (`acc`) each scores its own share
+    and the shares are summed into one vector (zeros elsewhere), so every process gets every score."""
+    rank, n_proc = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    if n_proc > 1:
+        sizes = [len(it.rows) for it in items]
+        starts = [sum(sizes[:i]) for i in range(len(items))]
+        full = torch.zeros(sum(sizes), dtype=torch.float64)
+        for i, s in zip(range(rank, len(items), n_proc), item_scores(handle, items[rank::n_proc], batch_size)):
+            full[starts[i] : starts[i] + sizes[i]] = s.double()
+        return list(acc.reduce(full.to(acc.device), "sum").cpu().float().split(sizes))
     out: list[torch.Tensor] = []
     pad, device = handle.lm.tokenizer.pad_token_id, handle.runtime.device
     for i in range(0, len(items), batch_size):
@@ -280,9 +289,10 @@ def normalize(handle: RewardHandle, mode: bool | str, prompts: list[str], answer
     return {"norm/mean": handle.mean, "norm/gain": handle.gain, "norm/samples": len(raw)}
 
 
-def report(handle: RewardHandle, items: list[Item], batch_size: int, emit: Emitter) -> float:
-    """A histogram of chosen vs rejected scores and the most and least preferred answers; returns the accuracy."""
-    raw = item_scores(handle, items, batch_size)
+def report(handle: RewardHandle, items: list[Item], batch_size: int, emit: Emitter, acc: Any = None) -> float:
+    """A histogram of chosen vs rejected scores and the most and least preferred answers; returns the accuracy.
+    With several processes (`acc`) each scores its share of the items."""
+    raw = item_scores(handle, items, batch_size, acc)
     scores = [(s - handle.mean) * handle.gain for s in raw]
     chosen, rejected = [], []
     for it, s in zip(items, scores):
