@@ -4,6 +4,8 @@ third-party code (decode products, the categorical draw, the lean LoRA forward).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
 import threading
 
 import pytest
@@ -231,9 +233,13 @@ def test_the_switch_runs_a_whole_pipeline_without_any_fast_path_code(pairs, monk
         with real(owner, name, value) as orig:
             yield orig
 
-    monkeypatch.setattr(patching, "patched", spy)
-    for module in ("cpu_bf16", "lean", "packing", "prefix", "sampling"):
-        monkeypatch.setattr(f"rlhf_magic.engine.fastpath.{module}.patched", spy)
+    # every fast-path module that patches (the plain path's own patches, e.g. generation's config, do not count)
+    patching_modules = [m.name for m in pkgutil.iter_modules(fastpath.__path__)]
+    for module in patching_modules:
+        loaded = importlib.import_module(f"rlhf_magic.engine.fastpath.{module}")
+        if getattr(loaded, "patched", None) is real:
+            monkeypatch.setattr(loaded, "patched", spy)
+    assert {"cpu_bf16", "lean", "packing", "prefix", "sampling"} <= set(patching_modules)
     for target in ("sampling.decoder", "cpu_pool.pooled", "packing.pack_rows", "prefix.frozen_depth"):
         module, name = target.split(".")
         real_fn = getattr(getattr(fastpath, module), name)

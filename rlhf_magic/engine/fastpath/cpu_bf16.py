@@ -139,12 +139,6 @@ def autocast() -> Iterator[None]:
         yield
 
 
-def kernels_for(accelerator: Any) -> contextlib.AbstractContextManager[None]:
-    """kernels() where an accelerate object runs bf16 autocast on a CPU, else nothing."""
-    cpu_bf16 = accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
-    return kernels() if cpu_bf16 else contextlib.nullcontext()
-
-
 def torch_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """torch's own nn.Linear product, whatever is patched."""
     return _TORCH_LINEAR(layer, x)
