@@ -72,7 +72,7 @@ class SFTConfig:
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
-    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN/inf, exploding loss) and keep the last good model")
+    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class RewardConfig:
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
-    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN/inf, exploding loss) and keep the last good model")
+    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class PPOConfig:
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
-    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN/inf, exploding loss) and keep the last good model")
+    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
 
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
