@@ -7,28 +7,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from .comparison import Comparison, WinRate, compare
-from .config import PPOConfig, RewardConfig, SFTConfig, build_config
+from .config import PPOConfig, RewardConfig, SFTConfig
 from .errors import ConfigError
 from .events import Callback, StopControl
+from .validation import with_options
 
 __all__ = ["Comparison", "WinRate", "compare", "load_policy", "load_reward", "ppo", "reward", "sft"]
 
 
 def _config(cls: type, config: Any, settings: dict[str, Any]) -> Any:
-    if config is not None:
-        if not isinstance(config, cls):
-            raise ConfigError(f"config must be a {cls.__name__}, not {type(config).__name__}")
-        if settings:
-            import dataclasses
-
-            return build_config(cls, {**_flat(dataclasses.asdict(config), config), **settings})
-        return config
-    return build_config(cls, settings)
-
-
-def _flat(values: dict[str, Any], config: Any) -> dict[str, Any]:
-    """asdict() turns nested configs (and handles inside lists) into dicts; keep the original objects."""
-    return {k: getattr(config, k) for k in values}
+    """`config` (or the defaults) with `settings` on top, checked as a cell's settings are, whoever built it."""
+    return with_options(cls, config, settings)
 
 
 def _views(stage: str, name: str, progress: bool, callbacks: Sequence[Callback], stop: StopControl) -> list:
@@ -191,13 +180,6 @@ def _ppo_config(cfg: PPOConfig, session: Any) -> PPOConfig:
 
     from .engine.handles import PolicyHandle
 
-    for key in ("steps", "batch_size", "mini_batch_size", "num_ppo_epochs", "max_new_tokens", "micro_batch_size"):
-        if getattr(cfg, key) is None:
-            continue
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} = {getattr(cfg, key)} is not valid; expected a positive integer")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"temperature = {cfg.temperature} is not valid; PPO samples, so use a value > 0 (e.g. 0.7)")
     if cfg.policy is None:
         latest = session.latest("policy", "sft") if session is not None else None
         if latest is None:

@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import STAGES, build_config, describe
+from .config import STAGES
 from .errors import ConfigError, RLHFError
 from .parsing import parse_body, parse_line_args
+from .validation import build_config, describe
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

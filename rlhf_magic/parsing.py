@@ -12,8 +12,9 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from .config import STAGES, build_config
+from .config import STAGES
 from .errors import ConfigError, did_you_mean
+from .validation import build_config
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

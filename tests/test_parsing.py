@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_magic.config import (
-    CompareConfig,
-    LoraConfig,
-    PPOConfig,
-    RankConfig,
-    SFTConfig,
-    build_config,
-    describe,
-    with_options,
-)
+from rlhf_magic.config import CompareConfig, LoraConfig, PPOConfig, RankConfig, SFTConfig
 from rlhf_magic.errors import ConfigError
 from rlhf_magic.parsing import parse_body, parse_cell, parse_line_args, parse_name
+from rlhf_magic.validation import build_config, describe, with_options
 
 
 def test_literals_names_attributes_and_comments():

@@ -159,7 +159,7 @@ def test_bad_reward_callables_get_one_line_errors(sft, reward, message):
 @pytest.mark.parametrize(
     ("settings", "error", "message"),
     [
-        ({"steps": 0}, ConfigError, "steps = 0 is not valid"),
+        ({"steps": 0}, ConfigError, "steps = 0: use a positive integer"),
         ({"prompts": []}, DataError, "prompts is empty"),
         ({"temperature": 0.0}, ConfigError, "PPO samples"),
         ({"reward": 3}, ConfigError, "expected a reward handle or a callable"),

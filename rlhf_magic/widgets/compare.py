@@ -18,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..comparison import Comparison, compare, comparison_html
-from ..config import CompareConfig, with_options
+from ..config import CompareConfig
 from ..data import read_prompts
 from ..errors import ConfigError, DataError, RLHFError
 from ..preferences import parse_ranking
+from ..validation import with_options
 
 CHOICES = {"left": "Left is better", "tie": "Tie", "right": "Right is better"}
 CARD = "1px solid #bbb"
