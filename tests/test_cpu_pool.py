@@ -83,3 +83,16 @@ def test_the_pool_is_off_with_native_code_off(monkeypatch):
         cpu_pool._library.cache_clear()
     with cpu_pool.pooled(torch.device("meta")) as on:
         assert not on
+
+
+def test_the_pool_loads_only_a_verified_build_from_a_private_cache_folder():
+    """The pool library comes through native_cache: a build recorded in the manifest, private to this user."""
+    import stat
+
+    from rlhf_magic.engine.fastpath import native_cache
+
+    assert cpu_pool._library() is not None
+    folder = native_cache.folder()
+    assert stat.S_IMODE(os.stat(folder).st_mode) & 0o022 == 0
+    builds = [folder / n for n in native_cache.read_manifest(folder) if n.startswith("cpu_pool-")]
+    assert any(native_cache.verified(path) for path in builds), builds

@@ -11,8 +11,9 @@ blocks and pages. The rounded-up tail of a block that is never written is never 
 
 The pool is a c10 CPU allocator, compiled (C++, against torch's own headers and libc10) into the cache folder on
 first use and installed as torch's CPU allocator then. Outside `pooled()` it passes every allocation straight to
-c10::alloc_cpu / free_cpu, as torch's default allocator does. Where there is no C++ compiler, or the pool fails
-its check, `pooled()` does nothing. RLHF_MAGIC_NATIVE=0 turns it off. Figures: bench/README.md."""
+c10::alloc_cpu / free_cpu, as torch's default allocator does. Where there is no C++ compiler, the pool fails its
+check, or the cache folder fails native_cache.py's owner, mode and SHA-256 checks, `pooled()` does nothing.
+RLHF_MAGIC_NATIVE=0 turns it off. Figures: bench/README.md."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from ..patching import PROCESS
-from .native import build_library
+from .native_cache import load_library
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("RLHF_MAGIC_NATIVE", "1") == "0" or platform.system() != "Linux":
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = _build()
     except (OSError, subprocess.SubprocessError, RuntimeError) as err:
         log.info("CPU memory pool unavailable (%s)", err)
         return None
@@ -210,7 +211,7 @@ def _library() -> ctypes.CDLL | None:
     return lib if _reuses(lib) else None
 
 
-def _build() -> Path:
+def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler")
@@ -218,7 +219,7 @@ def _build() -> Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"]
     libs = [f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
-    return build_library("cpu_pool", SOURCE, flags, "cpp", libs, key=torch.__version__)
+    return load_library("cpu_pool", SOURCE, flags, "cpp", libs, key=torch.__version__)
 
 
 def _reuses(lib: ctypes.CDLL) -> bool:

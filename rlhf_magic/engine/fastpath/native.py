@@ -6,7 +6,8 @@ by reading the weights once, which MKL's GEMM runs far below memory speed. The k
 and keeps the few input rows in L1; a LoRA layer is one call (x A^T, then the product with the adapters' term in
 the same accumulators) instead of a product and two tiny MKL products. It is compiled once with the system C
 compiler into the cache folder and loaded with ctypes. Where there is no compiler, no AVX2/FMA, or the compiled
-kernel disagrees with torch on a check product, `skinny_kernel()` returns None and callers use torch.
+kernel disagrees with torch on a check product, `skinny_kernel()` returns None and callers use torch; so does a
+cache folder or cached library that fails native_cache.py's owner, mode and SHA-256 checks.
 RLHF_MAGIC_NATIVE=0 turns it off. Figures: bench/README.md.
 """
 
@@ -14,18 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .native_cache import load_library
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("RLHF_MAGIC_NATIVE", "1") == "0" or not _cpu_supported():
         return None
     try:
-        return ctypes.CDLL(str(_build()))
+        return _build()
     except (OSError, subprocess.SubprocessError, RuntimeError) as err:
         log.info("native decode kernel unavailable (%s); using torch", err)
         return None
@@ -186,35 +187,11 @@ def _cpu_supported() -> bool:
     return {"avx2", "fma"} <= set(flags.split())
 
 
-def _build() -> Path:
+def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler")
-    return build_library("skinny", SOURCE, [cc, *FLAGS], "c")
-
-
-def build_library(
-    name: str, source: str, command: list[str], suffix: str, libs: Sequence[str] = (), key: str = ""
-) -> Path:
-    """Compile `source` with `command` (compiler and flags; then the source, the output and `libs`, which must
-    follow the source for linkers that drop unneeded libraries) into the cache folder once, keyed by the source,
-    the command, `libs` and `key`; later calls return the cached library."""
-    from ..models import cache_dir
-
-    digest = hashlib.sha256((source + " ".join([*command, *libs]) + key).encode()).hexdigest()[:16]
-    folder = cache_dir() / "native"
-    out = folder / f"{name}-{digest}.so"
-    if out.exists():
-        return out
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, lib = Path(tmp) / f"{name}.{suffix}", Path(tmp) / f"{name}.so"
-        src.write_text(source)
-        done = subprocess.run([*command, str(src), "-o", str(lib), *libs], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()[:200]}")
-        os.replace(lib, out)  # atomic: another process never loads a half-written library
-    return out
+    return load_library("skinny", SOURCE, [cc, *FLAGS], "c")
 
 
 def _agrees(fn: Callable[..., None]) -> bool:
