@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["start", "step", "eval", "samples", "histogram", "warning", "end"]
+Kind = Literal["start", "step", "eval", "samples", "histogram", "warning", "alarm", "end"]
 
 
 @dataclass
@@ -23,7 +23,8 @@ class Event:
 
     kind: start (payload: config, total steps), step (metrics of one optimizer step), eval (held-out metrics),
     samples (payload: rows of text to show), histogram (payload: title, xlabel, series of values),
-    warning (payload: message), end (payload: reason).
+    warning (payload: message), alarm (the run diverged; payload: message, the one line that says what happened and
+    what to change, and stopped, whether the run stops with its last good weights), end (payload: reason).
     """
 
     kind: Kind
@@ -65,8 +66,9 @@ class StopControl:
         self.requested = False
         self.reason = ""
 
-    def request(self, reason: str = "stopped by the user") -> None:
-        if not self.requested:
+    def request(self, reason: str = "stopped by the user", *, replace: bool = False) -> None:
+        """The first reason stays, unless `replace` (a divergence, which changes the weights the result keeps)."""
+        if replace or not self.requested:
             self.reason = reason  # before the flag: another thread (a Stop click) may set it
             self.requested = True
 

@@ -42,6 +42,31 @@ def step_metrics(
     return row
 
 
+def add_chunk_stats(rows: dict[str, float], share: float, pg: Any, vf_loss: Any, vf_clip: Any) -> None:
+    """Add one micro-batch's losses, weighted by its `share` of the minibatch's tokens, to the minibatch's `rows`."""
+    for key, val in {
+        "policy/loss": pg.loss,
+        "policy/clipfrac": pg.clipfrac,
+        "policy/approxkl": pg.approx_kl,
+        "val/loss": vf_loss,
+        "val/clipfrac": vf_clip,
+    }.items():
+        rows[key] = rows.get(key, 0.0) + float(val.detach()) * share
+    rows["policy/ratio_max"] = max(rows.get("policy/ratio_max", 0.0), float(pg.ratio_max))
+
+
+def sample_rows(ro: Rollout, n: int = 4) -> dict[str, Any]:
+    """The 'samples' event's payload: the first `n` answers with their scores and KL."""
+    kl = ro.kl.sum(1)
+    return {
+        "title": "latest samples",
+        "rows": [
+            {"prompt": p, "answer": t, "score": float(s), "KL": float(k)}
+            for p, t, s, k in list(zip(ro.prompts, ro.texts, ro.scores, kl))[:n]
+        ],
+    }
+
+
 def skipped_steps_warning(stats: dict[str, list[float]], *, scaled: bool) -> list[str]:
     """A warning when optimizer steps were skipped for gradients that were not finite, without a loss scaler (under
     fp16 an overflow now and then is how the scaler finds its scale)."""

@@ -1,4 +1,5 @@
-"""Live training view: progress with ETA, metric plots updated in place, sample tables, warnings, Stop.
+"""Live training view: progress with ETA, metric plots updated in place, sample tables, warnings, Stop, and a red
+alarm when the run diverges.
 
 In a notebook it uses core ipywidgets plus one matplotlib image updated through a display handle (works in
 JupyterLab, Notebook 7, VS Code, Colab and nbclient). Elsewhere it prints a line now and then.
@@ -29,6 +30,9 @@ DEFAULT_PANELS: dict[str, Panels] = {
         ("answers", ["ppo/response/length", "ppo/response/eos_rate"]),
     ],
 }
+
+
+RED = "#dc2626"  # the divergence alarm
 
 
 def in_notebook() -> bool:
@@ -90,6 +94,7 @@ class TextView:
         self.stream = stream or sys.stdout
         self.progress = _Progress()
         self.last = -math.inf
+        self.alarm = ""  # the line of the last divergence alarm
 
     def __call__(self, ev: Event) -> None:
         if ev.kind == "start":
@@ -104,6 +109,10 @@ class TextView:
                 print(f"[{self.title}] {self.progress.line(ev)} {vals}", file=self.stream, flush=True)
         elif ev.kind == "warning":
             warnings.warn(f"{self.title}: {ev.payload}", stacklevel=2)
+        elif ev.kind == "alarm":
+            self.alarm = ev.payload["message"]
+            print(f"[{self.title}] {'stopped' if ev.payload['stopped'] else 'warning'}: {self.alarm}", file=self.stream,
+                  flush=True)  # fmt: skip
         elif ev.kind == "samples":
             print(f"[{self.title}] {ev.payload.get('title', 'samples')}:", file=self.stream)
             for row in ev.payload["rows"]:
@@ -113,7 +122,9 @@ class TextView:
             for name, values in ev.payload["series"].items():
                 print(f"  {name}: {series_line(values)}", file=self.stream, flush=True)
         elif ev.kind == "end":
-            print(f"[{self.title}] finished: {ev.payload.get('reason', 'done')}", file=self.stream, flush=True)
+            reason = ev.payload.get("reason", "done")
+            reason = "stopped for divergence (see above)" if reason == self.alarm else reason
+            print(f"[{self.title}] finished: {reason}", file=self.stream, flush=True)
 
 
 def series_line(values: Sequence[float]) -> str:
@@ -189,6 +200,7 @@ class WidgetView:
         self.button.add_class("rlhf-stop")
         self.button.on_click(self._on_stop)
         self.alerts = W.HTML("")
+        self.alarm: dict | None = None  # the divergence alarm's payload, once there is one
         self.samples = W.HTML("")
         self.box = W.VBox([W.HBox([self.button, self.bar, self.label]), self.alerts])
         self.box.add_class("rlhf-live")
@@ -236,6 +248,8 @@ class WidgetView:
                 self.draw()
         elif ev.kind == "warning":
             self.alerts.value += f"<div style='color:#b45309'>⚠ {html.escape(str(ev.payload))}</div>"
+        elif ev.kind == "alarm":
+            self.diverged(ev.payload)
         elif ev.kind == "samples":
             self.samples.value = samples_html(ev.payload)
         elif ev.kind == "histogram":
@@ -245,7 +259,22 @@ class WidgetView:
             self.button.disabled = True
             self.button.description = "Stopped" if self.stop is not None and self.stop.requested else "Done"
             reason = ev.payload.get("reason", "done") if isinstance(ev.payload, dict) else "done"
-            self.label.value = f"<b>{html.escape(self.title)}</b> finished after {ev.step} steps ({reason})"
+            if self.alarm is not None and reason == self.alarm["message"]:
+                reason = "stopped for divergence"
+            style = f" style='color:{RED}'" if self.alarm is not None else ""
+            text = f"finished after {ev.step} steps ({html.escape(reason)})"
+            self.label.value = f"<b>{html.escape(self.title)}</b> <span{style}>{text}</span>"
+
+    def diverged(self, payload: dict) -> None:
+        """The run diverged: the view turns red and says what happened and what to change (payload: message, the
+        one line; stopped, whether the run stops with its last good weights)."""
+        self.alarm = payload
+        self.bar.bar_style = "danger"
+        self.box.add_class("rlhf-diverged")
+        self.box.layout.border = f"2px solid {RED}"
+        head = "Stopped: diverged" if payload["stopped"] else "Diverging"
+        message = html.escape(str(payload["message"]))
+        self.alerts.value += f"<div class='rlhf-alarm' style='color:{RED}'><b>✖ {head}.</b> {message}</div>"
 
     def draw(self) -> None:
         for ax, (name, keys) in zip(self.axes, self.panels):
