@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .config import CompareConfig, build_config
+from .config import CompareConfig
 from .data import read_prompts
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, calling
+from .validation import build_config
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 HTML_ROWS = 50  # rows shown by _repr_html_ (to_pandas() has all)
@@ -279,7 +280,8 @@ def _generate(policy: Any, prompts: list[str], sampling: dict[str, Any], name: s
 
 
 def _score(score: Callable[..., Any], prompts: list[str], answers: list[str], name: str) -> list[float]:
-    out = score(list(prompts), list(answers))
+    with calling("reward", score):  # one line naming the function, the exception and its line; %tb has the rest
+        out = score(list(prompts), list(answers))
     try:
         values = [float(x) for x in out]
     except (TypeError, ValueError):

@@ -18,21 +18,37 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
 from ._version import __version__
-from .config import PANELS, STAGES, describe
+from .config import PANELS, STAGES
 from .errors import ConfigError, RLHFError
 from .parsing import parse_cell, parse_line_args, parse_name
 from .session import Session
+from .validation import describe
 
 SESSION_VAR = "rlhf"
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the package's user errors into IPython's one-line UsageError."""
+    """Turn the package's user errors into IPython's one-line UsageError. One caused by another exception (a
+    reward function that raised) keeps it for `%tb` (see `keep_traceback`)."""
     try:
         yield
     except RLHFError as e:
-        raise UsageError(str(e)) from None
+        usage = UsageError(str(e))
+        usage.rlhf_error = e if e.__cause__ is not None else None  # type: ignore[attr-defined]
+        raise usage from None
+
+
+def keep_traceback(result: Any) -> None:
+    """post_run_cell: IPython's `%tb` shows sys.last_value, which a failed magic leaves as the one-line UsageError;
+    where that stands for another exception, point it there, so `%tb` shows the whole chain down to the frame of
+    the user's function that raised."""
+    error = getattr(getattr(result, "error_in_exec", None), "rlhf_error", None)
+    if error is None:
+        return
+    sys.last_type, sys.last_value, sys.last_traceback = type(error), error, error.__traceback__
+    if sys.version_info >= (3, 12):
+        sys.last_exc = error
 
 
 def guess_device() -> str:
@@ -57,10 +73,19 @@ class RLHFMagics(Magics):
     def _ns(self) -> dict[str, Any]:
         return self.shell.user_ns
 
-    def _publish(self, handle: Any) -> Any:
+    def _publish(self, handle: Any, note: str) -> Any:
         """The api already registered the handle in the session; also bind it in the notebook."""
         self._ns()[handle.name] = handle
+        if note:
+            print(note)
         return handle
+
+    def _stage(self, stage: str, line: str, cell: str) -> tuple[str, Any, str]:
+        """(NAME, config, the line to print once bound): a NAME that may not be used is refused before any work."""
+        name, cfg = parse_cell(stage, line, cell, self._ns())
+        verb = "continues" if getattr(cfg, "resume", False) else "replaces"
+        kind = "reward model" if stage == "reward" else "policy"
+        return name, cfg, self.session.check_name(name, self._ns(), kind, f"%%{stage}", verb)
 
     @no_var_expand
     @cell_magic
@@ -68,9 +93,9 @@ class RLHFMagics(Magics):
         from . import api
 
         with user_errors():
-            name, cfg = parse_cell("sft", line, cell, self._ns())
+            name, cfg, note = self._stage("sft", line, cell)
             handle = api.sft(name, config=cfg, session=self.session)
-        return self._publish(handle)
+        return self._publish(handle, note)
 
     @no_var_expand
     @cell_magic
@@ -78,9 +103,9 @@ class RLHFMagics(Magics):
         from . import api
 
         with user_errors():
-            name, cfg = parse_cell("reward", line, cell, self._ns())
+            name, cfg, note = self._stage("reward", line, cell)
             handle = api.reward(name, config=cfg, session=self.session)
-        return self._publish(handle)
+        return self._publish(handle, note)
 
     @no_var_expand
     @cell_magic
@@ -88,9 +113,9 @@ class RLHFMagics(Magics):
         from . import api
 
         with user_errors():
-            name, cfg = parse_cell("ppo", line, cell, self._ns())
+            name, cfg, note = self._stage("ppo", line, cell)
             handle = api.ppo(name, config=cfg, session=self.session)
-        return self._publish(handle)
+        return self._publish(handle, note)
 
     @no_var_expand
     @line_magic
@@ -99,8 +124,11 @@ class RLHFMagics(Magics):
 
         with user_errors():
             name, options = self._line("rank", line)
+            note = self.session.check_name(name, self._ns(), "ranking panel", "%rank")
             panel = RankingPanel(**options, session=self.session)
         self._ns()[name] = panel
+        if note:
+            print(note)
         return panel
 
     @no_var_expand
@@ -120,7 +148,10 @@ class RLHFMagics(Magics):
         pos, options = parse_line_args(line, self._ns(), magic)
         if len(pos) != 1:
             raise ConfigError(f"%{magic} needs exactly one result name first, e.g. %{magic} prefs key=value ...")
-        return parse_name(pos[0], magic), options
+        try:
+            return parse_name(pos[0], magic), options
+        except ConfigError as e:  # parse_name words its errors for the cell magics' `%%`
+            raise ConfigError(str(e).replace(f"%%{magic}", f"%{magic}")) from None
 
     def _resolve(self, name: str) -> Any:
         """A handle by notebook variable or session name."""
@@ -157,6 +188,7 @@ def load(ipython: Any) -> None:
     ipython.register_magics(magics)
     ipython.user_ns[SESSION_VAR] = magics.session
     ipython._rlhf_magics = magics
+    ipython.events.register("post_run_cell", keep_traceback)
     print(f"rlhf-magic {__version__} · device: {guess_device()} · %%sft, %%reward, %%ppo, %rank, %compare, %rlhf")
 
 
@@ -172,4 +204,6 @@ def unload(ipython: Any) -> None:
     if ipython.user_ns.get(SESSION_VAR) is magics.session:
         del ipython.user_ns[SESSION_VAR]
     magics.session.close()
+    with contextlib.suppress(ValueError):
+        ipython.events.unregister("post_run_cell", keep_traceback)
     del ipython._rlhf_magics

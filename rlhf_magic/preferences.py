@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import NEED_LABELS, DataError
 
 RANKING, RETRACTION = "ranking", "retraction"
 RECORD_FORMATS = "ranking records (prompt/responses/ranking) or pairs (prompt/chosen/rejected)"
+COLUMNS = ("prompt", "responses", "ranking", "labeler", "time", "flags", "comment", "policy", "id")  # to_pandas()
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")  # to_pandas(pairs=True), to_pairs()
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,10 @@ class Preferences:
         """A .jsonl file written by the ranking panel (or any .jsonl/.json/.csv of rankings or pairs)."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise DataError(f"preferences file {str(path)!r} does not exist")
+            raise DataError(
+                f"preferences file {str(path)!r} does not exist: check the path, or where a ranking panel writes "
+                f"it (on the first Submit), {NEED_LABELS}"
+            )
         if path.suffix.lower() == ".jsonl":
             entries = read_jsonl(path)  # line numbers in errors; torn lines skipped
         else:
@@ -204,7 +209,7 @@ class Preferences:
         """Self, or DataError when there is nothing to train on."""
         if not self.records:
             where = f" in {self.source}" if self.source else ""
-            raise DataError(f"no preferences{where}: rank some answers first (or every ranking was retracted)")
+            raise DataError(f"no preferences{where} yet: {NEED_LABELS} (or every ranking was retracted)")
         return self
 
     def ranked(self) -> list[Ranked]:
@@ -249,20 +254,22 @@ class Preferences:
     def rows(self, pairs: bool = False) -> list[dict[str, Any]]:
         if pairs:
             return self.to_pairs()
-        keys = ("prompt", "responses", "ranking", "labeler", "time", "flags", "comment", "policy", "id")
-        return [{k: r.get(k) for k in keys} for r in self.records]
+        return [{k: r.get(k) for k in COLUMNS} for r in self.records]
 
     def to_pandas(self, pairs: bool = False) -> Any:
-        """One row per ranked prompt (or per pair with `pairs=True`)."""
+        """One row per ranked prompt (or per pair with `pairs=True`); no rankings give an empty table with the
+        same columns."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows(pairs))
+        return pd.DataFrame(self.rows(pairs), columns=list(PAIR_COLUMNS if pairs else COLUMNS))
 
     def to_dataset(self, pairs: bool = False) -> Any:
         """A `datasets.Dataset`: one row per ranked prompt, or prompt/chosen/rejected rows with `pairs=True`."""
         import datasets
 
         rows = self.rows(pairs)
+        if not rows:  # the same columns, no rows
+            return datasets.Dataset.from_dict({c: [] for c in (PAIR_COLUMNS if pairs else COLUMNS)})
         if not pairs:
             rows = [{**r, "ranking": json.dumps(r["ranking"])} for r in rows]  # ragged nesting -> JSON text
         return datasets.Dataset.from_list(rows)

@@ -7,9 +7,38 @@ module does not import torch; the runtime is created on first use.
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from typing import Any
 
-from .errors import RLHFError, did_you_mean
+from .errors import ConfigError, RLHFError, did_you_mean
+
+# rlhf-magic's results by class (module, name), and what one is called; matched along the MRO, so subclasses count
+RESULTS = {
+    ("rlhf_magic.engine.handles", "PolicyHandle"): "policy",
+    ("rlhf_magic.engine.reward_model", "RewardHandle"): "reward model",
+    ("rlhf_magic.widgets.ranking", "RankingPanel"): "ranking panel",
+    ("rlhf_magic.widgets.compare", "ComparePanel"): "comparison panel",
+    ("rlhf_magic.preferences", "Preferences"): "preferences",
+    ("rlhf_magic.comparison", "Comparison"): "comparison",
+}
+
+
+HANDLES = ("policy", "reward model")  # the kinds the session registers by name
+
+
+def result_kind(obj: Any) -> str | None:
+    """'policy', 'reward model', 'ranking panel', ... for an rlhf-magic result; None for anything else."""
+    for cls in type(obj).__mro__:
+        kind = RESULTS.get((cls.__module__, cls.__name__))
+        if kind is not None:
+            return kind
+    return None
+
+
+def a_type(obj: Any) -> str:
+    """'a list', 'an int', 'a function': what a notebook variable holds, for error messages."""
+    name = "function" if callable(obj) and hasattr(obj, "__code__") else type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 class Session:
@@ -47,6 +76,34 @@ class Session:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+    def check_name(self, name: str, namespace: Mapping[str, Any], kind: str, magic: str, verb: str = "replaces") -> str:
+        """Before any work: may a new result of `kind` (a value of RESULTS) take `name` in the notebook?
+
+        A ConfigError when it would overwrite a variable that is not an rlhf-magic result or a result of another
+        kind, or when a panel would shadow a policy or reward model of the session; else the line to print once
+        the new result is bound ('' for a new name). A result deleted from the notebook (`del rm0`) but still in
+        the session may be replaced by any kind."""
+        here = name in namespace
+        if not here and name not in self._handles:
+            return ""
+        old = namespace[name] if here else self._handles[name]
+        old_kind = result_kind(old)
+        if here and old_kind is None:
+            raise ConfigError(
+                f"{name} is already a notebook variable ({a_type(old)}); choose another name or `del {name}` first"
+            )
+        if kind not in HANDLES and (name in self._handles or old_kind in HANDLES):
+            shadowed = result_kind(self._handles.get(name, old))
+            raise ConfigError(
+                f"{magic} {name}: {name} is a {shadowed} of this session, and a {kind} of that name would hide it "
+                f"from %compare; choose another name, e.g. {name}_panel"
+            )
+        if here and old_kind != kind:
+            raise ConfigError(
+                f"{name} is already a {old_kind}; choose another name for the {kind}, or `del {name}` first"
+            )
+        return f"{name}: {verb} the earlier {old_kind} {name}"
 
     def latest(self, kind: str, stage: str | None = None) -> Any | None:
         """The newest result of a kind ('policy', 'reward') and optionally a stage ('sft', 'ppo')."""

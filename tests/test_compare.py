@@ -270,6 +270,39 @@ def test_a_reward_handle_is_scored_through_its_score_method(policies):
     assert cmp.reward == "rm" and [r.score_b for r in cmp.rows] == [-len(r.answer_b) for r in cmp.rows]
 
 
+def _helper(n):
+    return {}["missing"] if n else 0
+
+
+def brevity(prompts, responses):
+    n = len(responses)
+    return [_helper(n) for _ in responses]  # raises in _helper: the line named is this one, in brevity
+
+
+def test_a_reward_that_raises_is_one_line_naming_it_and_keeps_the_original(policies):
+    from rlhf_magic.errors import UserFunctionError
+
+    line = brevity.__code__.co_firstlineno + 2
+    with pytest.raises(UserFunctionError) as info:
+        compare(*policies, PROMPTS[:2], brevity, **FAST)
+    assert str(info.value) == f"reward brevity() raised KeyError at line {line}: 'missing'"
+    cause = info.value.__cause__
+    assert isinstance(cause, KeyError) and cause.__traceback__ is not None  # what %tb shows
+
+    class Scorer:
+        name = "rm"
+
+        def score(self, prompts, responses):
+            return [1 / 0 for _ in responses]
+
+    with pytest.raises(UserFunctionError) as info:
+        compare(*policies, PROMPTS[:2], Scorer(), **FAST)
+    line = Scorer.score.__code__.co_firstlineno + 1
+    assert str(info.value) == f"reward rm.score() raised ZeroDivisionError at line {line}: division by zero"
+    with pytest.raises(DataError, match="expected a list of numbers"):  # the package's own errors pass unchanged
+        compare(*policies, PROMPTS[:2], lambda p, r: None, **FAST)
+
+
 def test_the_package_attribute_compare_is_not_shadowed_by_a_submodule():
     # a submodule rlhf_magic/compare.py would replace the lazy `rlhf_magic.compare` function once imported
     import importlib.util

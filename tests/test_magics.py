@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -110,12 +111,163 @@ def test_line_magic_help_lists_every_setting_of_its_config(ip, magic, cls):
     import dataclasses
 
     from rlhf_magic import config
+    from rlhf_magic.validation import field_help
 
     config_cls = getattr(config, cls)
     doc = ip.find_line_magic(magic).__doc__
     assert doc.startswith(f"%{magic} ") and config_cls.__doc__ in doc
-    for name, text in config.field_help(config_cls).items():
+    for name, text in field_help(config_cls).items():
         assert f"  {name:<20} {text}" in doc, name
-    assert len(config.field_help(config_cls)) == len(dataclasses.fields(config_cls))
+    assert len(field_help(config_cls)) == len(dataclasses.fields(config_cls))
     shown = ip.object_inspect_text(f"%{magic}")  # what `%rank?` / `%compare?` print
     assert all(f.name in shown for f in dataclasses.fields(config_cls))
+
+
+# ---- a reward function that raises: one line, and `%tb` shows the user's own frame (issue 19, item 3)
+BREVITY = "def brevity(prompts, responses):\n    n = 0\n    return [len(r) / n for r in responses]\n"
+RAISED = "UsageError: reward brevity() raised ZeroDivisionError at line 3: division by zero"
+
+
+class EchoPolicy:
+    """Enough of a policy for %compare (.generate), with no model behind it."""
+
+    name = "echo"
+
+    def generate(self, prompts, **_):
+        return [f"echo {p}" for p in prompts]
+
+
+def _fails_in_one_line_and_tb_shows_the_frame(ip, capsys, cell):
+    before = dict(ip.user_ns)
+    capsys.readouterr()
+    res = ip.run_cell(cell)
+    err = capsys.readouterr().err
+    assert not res.success and err.strip() == RAISED, err
+    assert ip.user_ns.keys() == before.keys() and all(ip.user_ns[k] is v for k, v in before.items() if k != "_")
+    ip.run_cell("%tb")
+    shown = capsys.readouterr().out
+    # the user's frame (its source line), the original exception, then the one-line error it caused
+    assert "return [len(r) / n for r in responses]" in shown and "ZeroDivisionError: division by zero" in shown
+    assert "UserFunctionError: reward brevity() raised" in shown
+
+
+def test_a_raising_reward_in_compare_is_one_line_and_tb_shows_its_frame(ip, capsys):
+    ip.run_cell(BREVITY)
+    ip.user_ns.update(a=EchoPolicy(), ps=["Say hi.", "Name a colour."])
+    _fails_in_one_line_and_tb_shows_the_frame(ip, capsys, "%compare a a prompts=ps reward=brevity")
+
+
+def test_a_raising_reward_in_ppo_is_one_line_and_tb_shows_its_frame(ip, capsys):
+    from rlhf_magic.api import load_policy
+
+    ip.run_cell(BREVITY)
+    ip.user_ns.update(base=load_policy("tiny", name="base"), ps=["Say hi.", "Name a colour."] * 2)
+    body = "policy = base\nreward = brevity\nprompts = ps\nsteps = 1\nbatch_size = 4\nmax_new_tokens = 4\n"
+    _fails_in_one_line_and_tb_shows_the_frame(ip, capsys, f"%%ppo tuned\n{body}")
+    assert "tuned" not in ip.user_ns["rlhf"]
+
+
+def test_a_raising_reward_stops_every_process_before_this_one_raises():
+    """Under DDP the process whose reward raised must still join the all-reduce that stops every process."""
+    import torch
+
+    from rlhf_magic.engine import rollout as R
+    from rlhf_magic.errors import UserFunctionError
+
+    def brevity(prompts, responses):
+        return [1 / 0 for _ in responses]
+
+    ro = R.Rollout(["p", "q"], ["a", "b"], torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), 1,
+                   torch.ones(2, 2), torch.ones(2, dtype=torch.bool))  # fmt: skip
+    roles = SimpleNamespace(score=R.callable_scorer(brevity, torch.device("cpu")))
+    R.score(roles, ro, None)  # no raise yet: the scores are NaN, so ppo_step's any_rank stops every process
+    assert R.first_bad_score(ro.scores) == 0 and isinstance(ro.error, UserFunctionError)
+    with pytest.raises(UserFunctionError, match=r"^reward brevity\(\) raised ZeroDivisionError at line \d+"):
+        R.bad_score(ro, 0)
+    other = R.Rollout(["p"], ["a"], torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), 1, torch.ones(1, 2),
+                      torch.ones(1, dtype=torch.bool))  # fmt: skip
+    assert R.bad_score(other, None) == ""  # a process whose own scores were fine stops with the warning
+
+
+# ---- names (issue 19, item 5)
+def _fake_stages(monkeypatch):
+    """api.sft / api.reward that register a handle at once and count their calls (no model, no training)."""
+    from rlhf_magic import api
+    from rlhf_magic.engine.handles import PolicyHandle
+    from rlhf_magic.engine.reward_model import RewardHandle
+
+    calls = []
+
+    def stage(cls, kind):
+        def run(name, *, config, session):
+            calls.append((kind, name))
+            handle = cls.__new__(cls)
+            handle.name, handle.stage, handle.parents = name, kind, ()
+            return session.add(handle)
+
+        return run
+
+    monkeypatch.setattr(api, "sft", stage(PolicyHandle, "sft"))
+    monkeypatch.setattr(api, "reward", stage(RewardHandle, "reward"))
+    return calls
+
+
+def _refused(ip, capsys, cell, message):
+    names, handles = dict(ip.user_ns), list(ip.user_ns["rlhf"])
+    capsys.readouterr()
+    res = ip.run_cell(cell)
+    err = capsys.readouterr().err
+    assert not res.success and err.strip() == f"UsageError: {message}", err
+    assert ip.user_ns.keys() == names.keys() and all(ip.user_ns[k] is v for k, v in names.items() if k != "_")
+    assert list(ip.user_ns["rlhf"]) == handles
+
+
+def test_a_name_never_overwrites_a_notebook_variable(ip, capsys, monkeypatch):
+    calls = _fake_stages(monkeypatch)
+    ip.user_ns.update(prompts=["Say hi."], pairs=[{"prompt": "p", "response": "r"}], answers=[["a", "b"]])
+    msg = "prompts is already a notebook variable (a list); choose another name or `del prompts` first"
+    _refused(ip, capsys, "%%sft prompts\nmodel = 'tiny'\ndata = pairs\n", msg)
+    _refused(ip, capsys, '%rank pairs prompts=prompts responses=answers file="p.jsonl"',
+             "pairs is already a notebook variable (a list); choose another name or `del pairs` first")  # fmt: skip
+    _refused(ip, capsys, "%%sft rlhf\nmodel = 'tiny'\n", "%%sft 'rlhf': the result name must be a Python identifier "
+             "(not 'rlhf')")  # fmt: skip
+    assert calls == []  # refused before any work
+
+
+def _printed(capsys):
+    """What the magic printed (the cell's Out[...] display left out)."""
+    return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("Out[")]
+
+
+def test_replacing_a_result_says_so_and_another_kind_is_refused(ip, capsys, monkeypatch):
+    calls = _fake_stages(monkeypatch)
+    ip.user_ns["pairs"] = [{"prompt": "p", "response": "r"}]
+    sft_cell, reward_cell = "%%sft {}\nmodel = 'tiny'\ndata = pairs\n", "%%reward {}\nmodel = 'tiny'\ndata = pairs\n"
+    assert ip.run_cell(sft_cell.format("sft0")).success and _printed(capsys) == []
+    first = ip.user_ns["sft0"]
+    assert ip.run_cell(sft_cell.format("sft0")).success
+    assert _printed(capsys) == ["sft0: replaces the earlier policy sft0"] and ip.user_ns["sft0"] is not first
+    assert ip.run_cell(reward_cell.format("rm0")).success
+    msg = "rm0 is already a reward model; choose another name for the policy, or `del rm0` first"
+    _refused(ip, capsys, sft_cell.format("rm0"), msg)
+    ip.run_cell("del rm0")  # gone from the notebook (still in `rlhf`): now it may be replaced, and that is said
+    capsys.readouterr()
+    assert ip.run_cell(sft_cell.format("rm0")).success
+    assert _printed(capsys) == ["rm0: replaces the earlier reward model rm0"]
+    assert ip.user_ns["rlhf"]["rm0"].stage == "sft" and len(calls) == 4
+
+
+def test_rank_never_shadows_a_result(ip, capsys, monkeypatch, tmp_path):
+    _fake_stages(monkeypatch)
+    ip.user_ns.update(ps=["Say hi."], answers=[["a", "b"]], pairs=[{"prompt": "p", "response": "r"}])
+    assert ip.run_cell("%%sft base\nmodel = 'tiny'\ndata = pairs\n").success
+    rank = f'%rank {{}} prompts=ps responses=answers file="{tmp_path / "p.jsonl"}"'
+    msg = ("%rank base: base is a policy of this session, and a ranking panel of that name would hide it from "
+           "%compare; choose another name, e.g. base_panel")  # fmt: skip
+    _refused(ip, capsys, rank.format("base"), msg)
+    ip.run_cell("del base")
+    _refused(ip, capsys, rank.format("base"), msg)  # the session still has it: %compare base would find the panel
+    _refused(ip, capsys, rank.format("rlhf"), "%rank 'rlhf': the result name must be a Python identifier (not 'rlhf')")
+    assert ip.run_cell(rank.format("prefs")).success and _printed(capsys) == []
+    assert ip.run_cell(rank.format("prefs")).success
+    assert _printed(capsys) == ["prefs: replaces the earlier ranking panel prefs"]

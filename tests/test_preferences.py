@@ -167,6 +167,31 @@ def test_pandas_and_dataset_views():
     assert "2 ranked prompts" in repr(prefs) and "11 pairs" in repr(prefs)
 
 
+def test_no_rankings_give_empty_tables_with_the_same_columns():
+    """'Run All' before anyone ranks: the notebook's `prefs.to_pandas()[[...]]` must not raise a KeyError."""
+    full = Preferences.from_records([rec([0, 1, 2, 3], labeler="ann")])
+    empty = Preferences([])
+    for pairs in (False, True):
+        df = empty.to_pandas(pairs=pairs)
+        assert len(df) == 0 and list(df.columns) == list(full.to_pandas(pairs=pairs).columns)
+        assert empty.to_dataset(pairs=pairs).column_names == full.to_dataset(pairs=pairs).column_names
+    assert empty.to_pandas()[["prompt", "ranking", "labeler", "flags"]].shape == (0, 4)
+
+
+def test_no_rankings_yet_says_rank_the_answers_above_first(tmp_path):
+    from rlhf_magic.errors import NEED_LABELS
+
+    assert NEED_LABELS == "rank the answers above first"
+    for make in (
+        lambda: Preferences([], source="prefs.jsonl").require(),
+        lambda: Preferences.from_records([]),
+        lambda: load_preferences(tmp_path / "never_written.jsonl"),  # a panel creates it on the first Submit
+    ):
+        with pytest.raises(DataError, match=NEED_LABELS) as err:
+            make()
+        assert "\n" not in str(err.value)
+
+
 def test_round_trips_through_dataframe_dataset_and_paths(tmp_path):
     prefs = Preferences.from_records([rec([0, [1, 2], 3], id="a"), rec([1, 0], responses=["x", "y"], id="b")])
     for view in (prefs.to_pandas(), prefs.to_dataset()):

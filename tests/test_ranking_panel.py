@@ -6,7 +6,12 @@ No browser: ipywidgets objects work without a front end. tests/browser/ does the
 from __future__ import annotations
 
 import dataclasses
+import errno
+import html
 import json
+import os
+import re
+import shutil
 import warnings
 
 import pytest
@@ -421,3 +426,108 @@ def test_real_tiny_policy_samples_k_answers(path):
     assert len(p.current_responses) == 3 and all(isinstance(a, str) for a in p.current_responses)
     p.submit([2, 1, 0])
     assert lines(path)[0]["policy"] == "tiny" and lines(path)[0]["responses"] == p.preferences.records[0]["responses"]
+
+
+# ---- files that cannot be written (issue 19, item 6)
+class _Os:
+    """`os` with some functions replaced."""
+
+    def __init__(self, **replaced):
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+class _NoWrites:
+    """`os` as ranking_store sees it, where opening anything under `folder` for writing is refused (EACCES): a
+    read-only folder even for root, who may write anywhere otherwise."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, flags, *args):
+        if str(path).startswith(self.folder) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return os.open(path, flags, *args)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_file_that_cannot_be_written_is_refused_when_the_panel_opens(tmp_path, monkeypatch, exists):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "prefs.jsonl"
+    if exists:
+        path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    before = sorted(folder.iterdir()), path.read_bytes() if exists else None
+    if os.geteuid() == 0:
+        monkeypatch.setattr(ranking_store, "os", _NoWrites(folder))
+    else:
+        folder.chmod(0o555)
+        if exists:
+            path.chmod(0o444)
+    with pytest.raises(DataError) as info:
+        panel(path)
+    message = (
+        f"file = '{path}': the panel cannot write there (Permission denied); choose a file in a folder you can write"
+    )
+    assert str(info.value) == message
+    assert (sorted(folder.iterdir()), path.read_bytes() if exists else None) == before  # no probe left behind
+
+
+def test_a_file_in_a_file_or_a_folder_is_refused(tmp_path):
+    (tmp_path / "notes").write_text("a file\n")
+    with pytest.raises(DataError, match=r"the folder '.*notes' is a file, not a folder$"):
+        panel(tmp_path / "notes" / "prefs.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"dir\.jsonl' is a folder"):
+        panel(tmp_path / "dir.jsonl")
+
+
+@pytest.mark.parametrize("fault", ["half a line, then a full disk", "fsync: full disk"])
+def test_a_failed_write_keeps_the_ranking_for_a_retry_and_the_file_intact(path, monkeypatch, fault):
+    p = panel(path)
+    p.submit([0, 1, 2, 3])
+    saved = path.read_bytes()
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if fault.startswith("half"):
+        faulty = _Os(write=lambda fd, data: os.write(fd, data[: len(data) // 2]) and full())
+    else:
+        faulty = _Os(fsync=full)
+    monkeypatch.setattr(ranking_store, "os", faulty)  # `os` as ranking_store sees it; the real one elsewhere
+    click_ranks(p, {0: 2, 1: 1, 2: 3})
+    prompt, responses = p.current_prompt, p.current_responses
+    p.cards.buttons["submit"].click()
+    status = html.unescape(re.sub("<[^>]+>", "", p.cards.status.value))
+    assert status == (
+        f"could not save to {path}: No space left on device; nothing was written; your ranking is still here: "
+        f"Submit again once that is fixed"
+    )
+    assert path.read_bytes() == saved and len(lines(path)) == 1  # no half-written line, nothing lost
+    assert (p.current_prompt, p.current_responses, p.cards.groups()) == (prompt, responses, [[1], [0], [2], [3]])
+    monkeypatch.setattr(ranking_store, "os", os)
+    p.cards.buttons["submit"].click()  # the same ranking, submitted again
+    assert [r["ranking"] for r in lines(path)] == [[0, 1, 2, 3], [1, 0, 2, 3]] and p.current_prompt == PROMPTS[2]
+
+
+def test_a_folder_removed_after_opening_is_one_line_and_the_ranking_stays(tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    p = panel(folder / "prefs.jsonl")
+    shutil.rmtree(folder)
+    click_ranks(p, {0: 1, 1: 2, 2: 3})
+    p.cards.buttons["submit"].click()
+    status = html.unescape(re.sub("<[^>]+>", "", p.cards.status.value))
+    assert status.startswith(f"could not save to {folder / 'prefs.jsonl'}: the folder '{folder}' no longer exists;")
+    assert "\n" not in status and p.current_prompt == PROMPTS[0] and p.cards.groups() == [[0], [1], [2], [3]]
+    with pytest.raises(DataError, match="no longer exists"):  # a script's submit() gets the same one line
+        p.submit([0, 1, 2, 3])
+    folder.mkdir()
+    p.cards.buttons["submit"].click()
+    assert len(lines(folder / "prefs.jsonl")) == 1 and p.current_prompt == PROMPTS[1]

@@ -252,8 +252,8 @@ GOOD = {"prompt": "p0", "responses": ["a", "b"], "ranking": [1, 0]}
          "record 1: ranking [1, 1] names answer 1 twice"),
         ([GOOD, {"prompt": "p1", "responses": ["a"], "ranking": [0]}],
          "record 1: a ranking needs at least 2 answers, got 1"),
-        ([], "no preferences: rank some answers first"),
-        (Preferences([], source="prefs.jsonl"), "no preferences in prefs.jsonl: rank some answers first"),
+        ([], "no preferences yet: rank the answers above first"),
+        (Preferences([], source="prefs.jsonl"), "no preferences in prefs.jsonl yet: rank the answers above first"),
         ([GOOD, {**GOOD, "prompt": "p1", "policy": "other"}],
          "record 1 (prompt 'p1'): its answers come from policy 'other', whose tokenizer differs from that of "
          "model 'tiny'"),
@@ -286,7 +286,7 @@ def test_the_tokenizer_check_passes_when_the_policy_shares_the_tokenizer(runtime
 
 @pytest.mark.parametrize(
     ("setting", "message"),
-    [({"eval_fraction": 1.0}, "eval_fraction = 1.0 is not valid"), ({"batch_size": 0}, "batch_size = 0 is not valid")],
+    [({"eval_fraction": 1.0}, "eval_fraction = 1.0: use a number from 0"), ({"batch_size": 0}, "batch_size = 0: use")],
 )
 def test_bad_settings_are_one_line_errors(setting, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,10 +12,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..config import RankConfig, with_options
+from ..config import RankConfig
 from ..data import read_prompts
-from ..errors import ConfigError, DataError, RLHFError
+from ..errors import ConfigError, DataError, LabelWriteError, RLHFError
 from ..preferences import RANKING, Preferences, format_ranking, parse_ranking
+from ..validation import with_options
 from .ranking_cards import Cards, describe
 from .ranking_options import check_responses, policy_name, resolve_policy, unique
 from .ranking_store import PreferenceStore, new_id, now_iso
@@ -139,7 +140,10 @@ class RankingPanel:
         if target is None:
             self.cards.say("Nothing to undo.")
             return None
-        self.store.retract(target, self.labeler, "undo")
+        try:
+            self.store.retract(target, self.labeler, "undo")
+        except LabelWriteError as e:
+            raise LabelWriteError(f"{e}; nothing was undone") from e
         i = self.prompts.index(target["prompt"])
         self._answers[i] = list(target["responses"])
         self.goto(i)
@@ -194,7 +198,10 @@ class RankingPanel:
         }
         if old is not None:
             record["replaces"] = old["id"]
-        self.store.append(record)
+        try:
+            self.store.append(record)
+        except LabelWriteError as e:  # nothing changed on screen or on disk: the same Submit can be retried
+            raise LabelWriteError(f"{e}; your ranking is still here: Submit again once that is fixed") from e
         self.goto(self._next_pending(self.index))
         verb = "Replaced" if old is not None else "Saved"
         self.cards.say(f"{verb} {describe(record)} for prompt {self.prompts.index(prompt) + 1}.", ok=True)

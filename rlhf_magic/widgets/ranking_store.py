@@ -1,14 +1,17 @@
 """Append-only JSONL storage for the ranking panel.
 
 Every write is one `os.write` of one line to a file opened with O_APPEND, then fsync: records land at once,
-nothing is ever truncated or rewritten. A torn last line (a crash mid-write) is left in place and skipped by
-the reader; the next record starts on a new line so it is not glued to the torn one.
+nothing written before is ever truncated or rewritten. A torn last line (a crash mid-write) is left in place and
+skipped by the reader; the next record starts on a new line so it is not glued to the torn one. A write that fails
+with an error (a full disk, a removed folder) is cut back to where it began, under the lock, so the file is as it
+was and the same record can be submitted again. A file the panel could not write is refused when it opens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import uuid
 import warnings
@@ -16,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, LabelWriteError
 from ..preferences import RETRACTION, Preferences, apply_log, read_jsonl
 
 try:
@@ -43,8 +46,34 @@ def check_path(file: Any) -> Path:
     if path.is_dir():
         raise DataError(f"file = {str(file)!r} is a folder; give a .jsonl file name")
     if not path.parent.is_dir():
-        raise DataError(f"file = {str(file)!r}: the folder {str(path.parent)!r} does not exist; create it first")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist; create it first"
+        raise DataError(f"file = {str(file)!r}: the folder {str(path.parent)!r} {what}")
+    check_writable(path, str(file))
     return path.absolute()
+
+
+def check_writable(path: Path, given: str) -> None:
+    """Refuse a file the panel could not append to before anyone ranks: an existing file is opened for appending
+    (nothing is written), else a probe file is created in its folder and removed again."""
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        else:
+            probe = path.parent / f".{path.name}.{new_id()}.probe"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+    except OSError as e:
+        raise DataError(
+            f"file = {given!r}: the panel cannot write there ({reason(e, path)}); choose a file in a folder you can "
+            f"write"
+        ) from None
+
+
+def reason(e: OSError, path: Path) -> str:
+    """Why a write failed, in words: 'No space left on device', 'the folder '/x' no longer exists', ..."""
+    if e.errno == errno.ENOENT and not path.parent.is_dir():
+        return f"the folder {str(path.parent)!r} no longer exists"
+    return e.strerror or str(e)
 
 
 class PreferenceStore:
@@ -61,14 +90,17 @@ class PreferenceStore:
         if not self.path.exists():
             self._stamp, self._active = None, []
             return self._active
-        st = self.path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-        if stamp != self._stamp:
-            with warnings.catch_warnings():
-                if not warn:
-                    warnings.simplefilter("ignore")  # the torn-line warning was shown when the panel opened
-                self._active = apply_log(read_jsonl(self.path))
-            self._stamp = stamp
+        try:
+            st = self.path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+            if stamp != self._stamp:
+                with warnings.catch_warnings():
+                    if not warn:
+                        warnings.simplefilter("ignore")  # the torn-line warning was shown when the panel opened
+                    self._active = apply_log(read_jsonl(self.path))
+                self._stamp = stamp
+        except OSError as e:
+            raise DataError(f"could not read {self.path}: {reason(e, self.path)}") from e
         return self._active
 
     def preferences(self) -> Preferences:
@@ -85,24 +117,17 @@ class PreferenceStore:
         return {r["prompt"] for r in self.refresh() if r.get("labeler") == labeler}
 
     def append(self, record: dict) -> dict:
-        """Write one record as one line: lock, fix a torn tail, write, flush, fsync."""
+        """Write one record as one line: lock, fix a torn tail, write, flush, fsync. An OSError (a full disk, a
+        removed or read-only folder) is a LabelWriteError, and the file is left as it was."""
         import json
 
         line = json.dumps(record, ensure_ascii=False) + "\n"
         self.refresh()  # never append to a file that has turned foreign since it was opened
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            with _locked(fd):
-                if _torn_tail(self.path):
-                    line = "\n" + line
-                data = line.encode("utf-8")
-                written = os.write(fd, data)
-                while written < len(data):  # a short write (rare, e.g. a full disk) continues the same line
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            created = not self.path.exists()
+            _append_line(self.path, line)
+        except OSError as e:
+            raise LabelWriteError(f"could not save to {self.path}: {reason(e, self.path)}; nothing was written") from e
         if created:
             _fsync_dir(self.path.parent)
         self.refresh()
@@ -124,6 +149,32 @@ def _locked(fd: int) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append `line` and fsync, under the lock; on an error, cut the file back to where this write began."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        with _locked(fd):
+            start = os.fstat(fd).st_size
+            if _torn_tail(path):
+                line = "\n" + line
+            data = line.encode("utf-8")
+            try:
+                written = 0
+                while written < len(data):  # a short write (rare, e.g. a full disk) continues the same line
+                    n = os.write(fd, data[written:])
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += n
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # a half-written (or unsynced) line must not stay behind
+                    os.ftruncate(fd, start)
+                    os.fsync(fd)
+                raise
+    finally:
+        os.close(fd)
 
 
 def _torn_tail(path: Path) -> bool:
