@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from rlhf_magic import api
 from rlhf_magic.engine import fastpath
-from rlhf_magic.engine import ppo as P
+from rlhf_magic.engine import rollout as R
 from rlhf_magic.engine.generation import sample
 from rlhf_magic.engine.loop import MAX_SKIPPED_STEPS, linear_schedule
 from rlhf_magic.engine.models import LoadedModel
@@ -294,7 +294,7 @@ def test_the_value_head_starts_as_the_normalised_reward_model():
     torch.nn.init.constant_(head.bias, 0.3)
     rm = RewardHandle("rm", lm, head, runtime=runtime)
     rm.mean, rm.gain = 1.7, 0.4
-    value = P._value_head(rm, lm, runtime)
+    value = R.value_head_for(rm, lm, runtime)
     ids, mask = right_pad([tok.encode("an answer"), tok.encode("another, longer answer")], tok.pad_token_id)
     with torch.no_grad():
         states = hidden_states(model, ids, mask)

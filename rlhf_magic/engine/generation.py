@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 from .. import ops
-from . import fastpath
+from ..errors import ConfigError
+from . import fastpath, memory
+from .divergence import finite_logits
 from .models import LoadedModel
 from .modules import trunk_and_head
 from .patching import PROCESS, patched
@@ -46,6 +48,33 @@ def encode_prompts(
     return [encode(lm.tokenizer, format_prompt(lm.tokenizer, p) if chat else p)[-max_prompt_tokens:] for p in prompts]
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """Tokens the model attends over: its config's max_position_embeddings (n_positions), else the tokenizer's
+    model_max_length; None when neither says."""
+    config = getattr(lm.model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    n = getattr(lm.tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 1 << 30 else None  # transformers' "no limit" is int(1e30)
+
+
+def check_new_tokens(lm: LoadedModel, rows: list[list[int]], max_new_tokens: Any) -> None:
+    """One line for a max_new_tokens that is not a positive integer, or that the model's context cannot hold after
+    the longest prompt (every entry to sampling: %%ppo, %rank, %compare, handle.generate)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens = {max_new_tokens!r}: use a positive integer")
+    context, longest = context_length(lm), max(map(len, rows), default=0)
+    if context is not None and longest + max_new_tokens > context:
+        fix = f"so use at most {context - longest}" if longest < context else "so shorten the prompts"
+        raise ConfigError(
+            f"max_new_tokens = {max_new_tokens}: the model's context is {context} tokens and the longest prompt "
+            f"has {longest}, {fix}"
+        )
+
+
 @torch.no_grad()
 def sample(
     lm: LoadedModel,
@@ -70,6 +99,8 @@ def sample(
     samples with the frozen weights' kept bf16 copies."""
     tok = lm.tokenizer
     rows = [r for r in encode_prompts(lm, prompts, chat=chat) for _ in range(num_return_sequences)]
+    check_new_tokens(lm, rows, max_new_tokens)  # before anything is allocated
+    memory.check_sampling(lm, rows, max_new_tokens, autocast=bool(autocast), capture=capture and temperature > 0)
     device = next(lm.model.parameters()).device
     ids, mask = left_pad(rows, tok.pad_token_id, device)
     settings = {
@@ -90,7 +121,7 @@ def sample(
     try:
         # no autocast on a CPU: activations, adapters and the LM head stay fp32 (so do the captured logprobs)
         ctx = autocast() if autocast and device.type != "cpu" else nullcontext()
-        with ctx, steps or nullcontext():
+        with ctx, steps or nullcontext(), finite_logits(lm.model, temperature):  # NaN: NonFiniteError, no draw
             responses = decoder(ids, mask)
     finally:
         lm.model.train(was_training)

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from ..events import Emitter, StopControl
-from . import fastpath
+from . import fastpath, ranks, sharding
+from .divergence import Watch
 from .patching import patched
 from .runtime import Runtime
 
@@ -67,6 +68,7 @@ class TrainState:
     started: float = field(default_factory=time.monotonic)
     gradient_checkpointing: bool = False
     skipped: int = 0  # optimizer steps skipped in a row
+    watch: Watch | None = None  # divergence: set by the stage before run_steps
 
     @classmethod
     def build(
@@ -90,12 +92,14 @@ class TrainState:
         sched = linear_schedule(opt, total)
         with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
             warnings.simplefilter("ignore", FutureWarning)
-            module, opt, loader, sched = acc.prepare(module, opt, loader, sched)
+            module, opt, loader, sched = sharding.prepare(acc, module, opt, loader, sched)
+        params = sharding.trained(acc, module, params)  # FSDP2: the sharded parameters get the gradients
         state = cls(acc, module, opt, sched, loader, params, total, runtime.device)
         state.gradient_checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
         return state
 
     def close(self) -> None:
+        sharding.release(self.accelerator, self.module)  # the handle samples, scores and saves whole weights
         self.accelerator.free_memory()
 
 
@@ -108,9 +112,12 @@ def run_steps(
     tokens_of: Callable[[Any], int],
 ) -> None:
     """Train until total_steps or a stop request; emit 'step' and 'eval' events. Gradients that are not finite stop
-    the run, keeping the weights of the step before; under fp16 the loss scaler skips such a step and lowers its
-    scale, and only MAX_SKIPPED_STEPS skips in a row stop the run."""
-    acc = state.accelerator
+    the run, keeping the weights of the step before (of the step before that where those give a non-finite loss
+    too); under fp16 the loss scaler skips such a step and lowers its scale, and only MAX_SKIPPED_STEPS skips in a
+    row stop the run. `state.watch` checks the weights after each update and each step's metrics: a divergence
+    stops the run with the last good weights (see divergence.py)."""
+    acc, watch = state.accelerator, state.watch
+    assert watch is not None, "set state.watch before run_steps"
     eval_every = max(1, math.ceil(state.total_steps / 6))  # about six held-out points a run: evals cost forwards
     sums: dict[str, torch.Tensor] = {}
     micro, tokens, t0 = 0, 0, time.monotonic()
@@ -126,17 +133,23 @@ def run_steps(
                     grad_norm = optimizer_step(state)
                 if not acc.sync_gradients:
                     continue
-                if _skipped(state, grad_norm, stop):  # the weights did not move: nothing to report
+                if _skipped(state, grad_norm, stop, batch):  # the weights did not move: nothing to report
                     if stop.requested:
                         return
                     sums, micro, tokens, t0 = {}, 0, 0, time.monotonic()
                     continue
+                if not watch.weights_ok(state.step + 1):  # a weight became nan or inf: the step before is back
+                    return
                 state.step += 1
                 row = _row(state, sums, micro, tokens / (time.monotonic() - t0), grad_norm)
                 if evaluate and (state.step % eval_every == 0 or state.step == state.total_steps):
-                    row.update(evaluate())
+                    with sharding.whole_weights(acc, state.module):  # each process scores its own share
+                        row.update(evaluate())
                 metrics.log(state.step, row)
                 emit("step", state.step, row)
+                if watch.check(state.step, row):  # diverged: the last good weights are back
+                    state.step = watch.kept
+                    return
                 sums, micro, tokens, t0 = {}, 0, 0, time.monotonic()
                 if state.step >= state.total_steps or stop.requested:
                     break
@@ -162,11 +175,11 @@ def loss_scaler(accelerator: Any) -> Any:
     return getattr(accelerator, "scaler", None)
 
 
-def step_skipped(grad_norm: torch.Tensor) -> bool:
+def step_skipped(grad_norm: torch.Tensor | None) -> bool:
     """Whether the optimizer step left the weights alone: its (unscaled) gradients were not finite. Under fp16 that
     is the scaler's own test; accelerate's `step_was_skipped` cannot tell, as a fused optimizer skips the update
-    inside its step."""
-    return not bool(torch.isfinite(grad_norm))
+    inside its step. No norm (DeepSpeed clips and steps inside its engine): not skipped here."""
+    return grad_norm is not None and not bool(torch.isfinite(grad_norm))
 
 
 def skip_reason(accelerator: Any, count: int, kept: str) -> str:
@@ -179,20 +192,33 @@ def skip_reason(accelerator: Any, count: int, kept: str) -> str:
     return f"the gradients {what} in {count} optimizer steps in a row; the result keeps {kept} ({advice})"
 
 
-def _skipped(state: TrainState, grad_norm: torch.Tensor | None, stop: StopControl) -> bool:
-    """Whether this optimizer step was skipped; requests the stop that follows: at once without a loss scaler, after
-    MAX_SKIPPED_STEPS in a row with one."""
-    acc = state.accelerator
+def _skipped(state: TrainState, grad_norm: torch.Tensor | None, stop: StopControl, batch: Any) -> bool:
+    """Whether this optimizer step was skipped; requests the stop that follows: at once without a loss scaler (going
+    back one more step where the weights give a non-finite loss on this batch too), after MAX_SKIPPED_STEPS in a
+    row with one."""
+    acc, watch, step = state.accelerator, state.watch, state.step + 1
     skipped = grad_norm is not None and step_skipped(grad_norm)
     state.skipped = state.skipped + 1 if skipped else 0
-    if skipped and loss_scaler(acc) is None:
-        stop.request(
-            f"the gradients became {float(grad_norm)} at step {state.step + 1}; the "
-            f"result keeps the weights of step {state.step} (try a lower lr)"
-        )
+    loss = _loss_on(state, batch) if skipped and loss_scaler(acc) is None else 0.0
+    if not math.isfinite(loss):  # the weights of the step before gave it: back one more step
+        watch.diverged(step, "the loss", loss)
+        state.step = watch.kept
+    elif skipped and loss_scaler(acc) is None:
+        reason = f"the gradients became {float(grad_norm)} at step {step}; the result keeps the weights of step "
+        watch.stopped(step, f"{reason}{state.step} (try a lower lr)")
     elif state.skipped >= MAX_SKIPPED_STEPS:
-        stop.request(skip_reason(acc, state.skipped, f"the weights of step {state.step}"))
+        watch.stopped(step, skip_reason(acc, state.skipped, f"the weights of step {state.step}"))
     return skipped
+
+
+def _loss_on(state: TrainState, batch: Any) -> float:
+    """The loss the weights give on `batch` (nan where another process's is not finite): after a one-off non-finite
+    gradient it is finite, and the run keeps these weights; weights that diverged give nan or inf."""
+    module = state.accelerator.unwrap_model(state.module)
+    with torch.no_grad():
+        loss = float(_split(module(**batch))[0])
+    elsewhere = ranks.any_rank(state.accelerator, not math.isfinite(loss))
+    return math.nan if elsewhere and math.isfinite(loss) else loss
 
 
 def _row(

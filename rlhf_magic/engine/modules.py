@@ -50,7 +50,19 @@ def hidden_states(
     return out.hidden_states[-1]
 
 
-class TokenLoss(nn.Module):
+class OverModel(nn.Module):
+    """A training module around a transformers model, `self.model`. It names the model's own blocks
+    (`_no_split_modules`) because accelerate reads them from the module it prepares: FSDP2 then shards each block
+    on its own, and gathers one block at a time instead of the whole model."""
+
+    model: Any
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.model, "_no_split_modules", None)
+
+
+class TokenLoss(OverModel):
     """Mean next-token cross-entropy over positions whose label is not IGNORE (SFT's response-only loss).
 
     The LM head runs only on those positions, which saves its cost on prompt and padding tokens.
@@ -118,7 +130,7 @@ def head_logprobs(
     return HeadLogprobs(ops.logprobs_from_logits(logits, tokens, temperature), ent)
 
 
-class PolicyValue(nn.Module):
+class PolicyValue(OverModel):
     """The PPO policy and its value function on one trunk: one forward gives log-probs and values."""
 
     def __init__(self, model: Any, value_head: nn.Module):

@@ -22,9 +22,8 @@ from torch import nn
 from .. import ops
 from ..config import PPOConfig
 from ..data import read_prompts
-from ..errors import ConfigError
 from ..events import Callback, Emitter, StopControl
-from . import fastpath, ranks
+from . import divergence, fastpath, memory, ranks, sharding
 from . import rollout as R
 from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
 from .generation import encode_prompts
@@ -32,8 +31,8 @@ from .handles import PolicyHandle
 from .loop import MAX_SKIPPED_STEPS, checkpointing, loss_scaler, make_optimizer, skip_reason, step_skipped
 from .models import LoadedModel
 from .modules import PolicyValue
-from .ppo_monitor import Monitor, skipped_steps_warning, step_metrics
-from .reward_model import RewardHandle, make_head
+from .ppo_monitor import Monitor, add_chunk_stats, sample_rows, skipped_steps_warning, step_metrics
+from .reward_model import RewardHandle
 from .runtime import Runtime, in_runtime_scope, seed_everything
 
 
@@ -74,6 +73,7 @@ class PPORun:
     stop: StopControl
     share: float = 1.0  # the share of the layers that run with gradients (above a shared frozen prefix)
     skipped: int = 0  # optimizer steps skipped in a row (gradients not finite)
+    watch: divergence.Watch | None = None  # NaN, inf and divergence alarms; the last good policy
 
     @property
     def roles(self) -> R.Roles:
@@ -94,6 +94,7 @@ def train_ppo(
     seed_everything(cfg.seed)
     # 1. prompts, roles (policy / reference / value / reward on one base) and the trainable weights
     prompts = read_prompts(cfg.prompts)
+    memory.check_ppo(cfg, prompts, runtime, previous)  # the update fits: refused before anything is set up
     handle = previous if previous is not None else _new_handle(cfg, name, runtime)
     state, roles = handle.ppo, handle.ppo.roles
     train_only(roles.lm.model, state.trained)
@@ -116,14 +117,17 @@ def train_ppo(
                 state.step += 1
                 handle.metrics.log(state.step, row)
                 emit("step", state.step, row)
-                if stop.requested:
+                if run.watch.check(state.step, row) or stop.requested:
                     break
     finally:
         train_only(roles.lm.model, [])
         state.optimizer_state = run.optimizer.state_dict()
+        if run.watch.kept is not None:  # diverged: a resumed run goes on from the last good policy, Adam afresh
+            state.step, state.optimizer_state = run.watch.kept, None
+        sharding.release(run.acc, run.module)  # FSDP2: the whole trained weights, back in the model's parameters
         run.acc.free_memory()
     # 4. the result
-    handle.metrics.summary.update(_summary(handle, stop))
+    handle.metrics.summary.update({**_summary(handle, stop), **run.watch.summary()})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
         handle.save(cfg.output_dir)
@@ -131,59 +135,80 @@ def train_ppo(
 
 
 def _prepare(cfg: PPOConfig, runtime: Runtime, state: PPOState, emit: Emitter, stop: StopControl) -> PPORun:
-    lr = cfg.lr or (1e-4 if cfg.lora else 3e-6)
-    acc = runtime.accelerator(1)
+    default_lr, acc = 1e-4 if cfg.lora else 3e-6, runtime.accelerator(1)
+    lr = cfg.lr or default_lr
     optimizer = make_optimizer(state.trained, lr, runtime.device)
     if state.optimizer_state:
         optimizer.load_state_dict(state.optimizer_state)
     with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
         warnings.simplefilter("ignore", FutureWarning)
-        module, optimizer = acc.prepare(PolicyValue(state.roles.lm.model, state.value_head), optimizer)
+        module, optimizer = sharding.prepare(
+            acc, PolicyValue(state.roles.lm.model, state.value_head), optimizer, batch_size=cfg.mini_batch_size
+        )
     share = fastpath.trained_share(state.roles.lm.model, state.roles.depth)
-    return PPORun(module, optimizer, acc, state, cfg, emit, stop, share)
+    rules = divergence.Rules("ppo", divergence.vocab_size(state.roles.lm.model), divergence.lr_fix(lr, default_lr))
+    watch = divergence.watch(state.trained, rules, emit=emit, stop=stop, cfg=cfg, acc=acc, step=state.step)
+    return PPORun(module, optimizer, acc, state, cfg, emit, stop, share, watch=watch)
 
 
 def ppo_step(run: PPORun, prompts: list[str]) -> dict[str, float] | None:
-    """One rollout and its updates. Returns the step's metrics, or None when the rewards were not finite."""
+    """One rollout and its updates. Returns the step's metrics, or None when the run stops: the sampling
+    probabilities, the rewards or the updated weights were not finite."""
     roles, state, cfg = run.roles, run.state, run.cfg
     t0 = time.monotonic()
     run.module.eval()  # generation and scoring; dropout is off anyway
     # 1-3. sample; the policy's logprobs (and values) come from the decode steps where the fast path keeps them
     seed = ranks.sampling_seed(cfg.seed, state.step, run.acc)  # each process samples its own answers
-    ro = R.generate(roles, prompts, cfg, seed=seed, capture=_capture(run, prompts))
-    if ro.hidden is not None:
-        with torch.no_grad():
-            ro.values = state.value_head(ro.hidden.float()).squeeze(-1)
-        ro.hidden = None
-    t_gen = time.monotonic() - t0
-    # 4-6. reference logprobs and scores
-    R.share_prefix(roles, ro)
-    ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
-    R.score(roles, ro, cfg.missing_eos_penalty)
+    with sharding.whole_weights(run.acc, run.module):  # FSDP2 / ZeRO-3: forwards that differ between processes
+        ro = _sample(run, prompts, seed)
+        if ro is None:
+            return None
+        if ro.hidden is not None:
+            with torch.no_grad():
+                ro.values = state.value_head(ro.hidden.float()).squeeze(-1)
+            ro.hidden = None
+        t_gen = time.monotonic() - t0
+        # 4-6. reference logprobs and scores
+        R.share_prefix(roles, ro)
+        ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
+        R.score(roles, ro, cfg.missing_eos_penalty)
     bad = R.first_bad_score(ro.scores)
     if ranks.any_rank(run.acc, bad is not None):  # every process stops together, or DDP would wait forever
-        where = f"{float(ro.scores[bad])} for answer {bad} ({ro.texts[bad][:60]!r})" if bad is not None else ""
-        run.stop.request(
-            f"the reward was {where or 'not finite in another process'}; the result keeps the policy of step "
-            f"{state.step}"
-        )
-        run.emit("warning", state.step, payload=run.stop.reason)
+        where = R.bad_score(ro, bad)  # where the reward raised, its own one-line error (every process stopped)
+        where = where or "not finite (or raised) in another process"
+        run.watch.stopped(state.step, f"the reward was {where}; the result keeps the policy of step {state.step} "
+                          "(a reward must be a finite number)")  # fmt: skip
         return None
     # 7-8 and the PPO epochs (the prepared module's forward runs under accelerate's autocast)
     run.module.train()
     kl_coef = state.kl_ctl.value
     with fastpath.update(run.acc), checkpointing(roles.lm.model, cfg.gradient_checkpointing):
         stats = update(run, ro)
+    run.watch.rules.start("ppo/val/loss", stats["val/loss"][0])  # before any update: the value loss alarm's base
+    if not run.watch.weights_ok(state.step + 1):  # a weight became nan or inf: the policy of the step before is back
+        return None
     state.kl_ctl.update(float((ro.kl.sum(1)).mean()), len(prompts))
     row = step_metrics(ro, stats, kl_coef, cfg, time.monotonic() - t0, t_gen)
-    run.emit("samples", state.step + 1, payload=_samples(ro))
+    run.emit("samples", state.step + 1, payload=sample_rows(ro))
     notes = skipped_steps_warning(stats, scaled=loss_scaler(run.acc) is not None)
     if run.skipped >= MAX_SKIPPED_STEPS:  # skipped steps left the weights alone
-        run.stop.request(skip_reason(run.acc, run.skipped, "the policy from before them"))
+        run.watch.stopped(state.step + 1, skip_reason(run.acc, run.skipped, "the policy from before them"))
         notes.append(run.stop.reason)
     for warning in notes:
         run.emit("warning", state.step + 1, payload=warning)
     return row
+
+
+def _sample(run: PPORun, prompts: list[str], seed: int) -> R.Rollout | None:
+    """Steps 1-2, or None where the policy's next-token probabilities were not finite in some process: the run
+    stops with the policy from before the update that made them."""
+    try:
+        ro, what = R.generate(run.roles, prompts, run.cfg, seed=seed, capture=_capture(run, prompts)), ""
+    except divergence.NonFiniteError as e:
+        ro, what = None, e.value
+    if ranks.any_rank(run.acc, ro is None):  # every process stops together, or DDP would wait forever
+        return run.watch.diverged(run.state.step + 1, "the next-token probabilities", what or "non-finite elsewhere")
+    return ro
 
 
 def update(run: PPORun, ro: R.Rollout) -> dict[str, list[float]]:
@@ -193,7 +218,7 @@ def update(run: PPORun, ro: R.Rollout) -> dict[str, list[float]]:
     When one micro-batch holds the whole batch, epoch 1 reuses its own forward pass as the rollout's logprobs and
     values (the weights have not changed yet), which saves a full forward pass."""
     cfg, n = run.cfg, ro.input_ids.shape[0]
-    mbs = min(cfg.mini_batch_size, n)
+    mbs = min(cfg.mini_batch_size or n, n)  # unset: the whole batch, one optimizer step per epoch
     micro = min(micro_batch_size(cfg, run.acc.device, run.share, ro.input_ids.shape[1]), mbs)
     micro = -(-mbs // -(-mbs // micro))  # chunks of even size: 8 answers at most 7 a chunk run as 4 + 4, not 7 + 1
     merged = micro >= n
@@ -231,7 +256,7 @@ def _minibatch(
             v.float(), ro.values[chunk], ro.returns[chunk], mask, cfg.cliprange_value
         )
         acc.backward((pg.loss + cfg.vf_coef * vf_loss) * share)
-        _add_chunk_stats(rows, share, pg, vf_loss, vf_clip)
+        add_chunk_stats(rows, share, pg, vf_loss, vf_clip)
         if ent is not None:
             rows["policy/entropy"] = rows.get("policy/entropy", 0.0) + float(ops.masked_mean(ent, mask)) * share
     _optimizer_step(run, rows)
@@ -242,7 +267,8 @@ def _minibatch(
 def _optimizer_step(run: PPORun, rows: dict[str, float]) -> None:
     """Clip and step. Under fp16 the loss scaler skips a step whose gradients overflowed (and lowers its scale);
     without one, a step whose gradient norm is not finite is skipped here. Skips are counted, never silent."""
-    grad_norm = run.acc.clip_grad_norm_(run.state.trained, run.cfg.max_grad_norm)
+    params = sharding.trained(run.acc, run.module, run.state.trained)  # FSDP2: the sharded ones
+    grad_norm = run.acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
     skipped = step_skipped(grad_norm)
     if not skipped or loss_scaler(run.acc) is not None:
         run.optimizer.step()
@@ -251,18 +277,6 @@ def _optimizer_step(run: PPORun, rows: dict[str, float]) -> None:
     rows["skipped_steps"] = float(skipped)
     if not skipped:
         rows["grad_norm"] = float(grad_norm)
-
-
-def _add_chunk_stats(rows: dict[str, float], share: float, pg: Any, vf_loss: Any, vf_clip: Any) -> None:
-    for key, val in {
-        "policy/loss": pg.loss,
-        "policy/clipfrac": pg.clipfrac,
-        "policy/approxkl": pg.approx_kl,
-        "val/loss": vf_loss,
-        "val/clipfrac": vf_clip,
-    }.items():
-        rows[key] = rows.get(key, 0.0) + float(val.detach()) * share
-    rows["policy/ratio_max"] = max(rows.get("policy/ratio_max", 0.0), float(pg.ratio_max))
 
 
 @torch.no_grad()
@@ -282,15 +296,15 @@ def micro_batch_size(cfg: PPOConfig, device: Any, trained_share: float = 1.0, ro
     memory (rows of `row_tokens` tokens, `trained_share` of the layers with gradients), else the whole minibatch."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
-    return fastpath.chunk_rows(device, trained_share, row_tokens) or cfg.mini_batch_size
+    return fastpath.chunk_rows(device, trained_share, row_tokens) or cfg.mini_batch_size or cfg.batch_size
 
 
 def _capture(run: PPORun, prompts: list[str]) -> bool:
     """Whether sampling keeps the policy's logprobs and hidden states: where the update will run in chunks (else
     epoch 1's forward gives them for free)."""
-    cfg, acc = run.cfg, run.acc
+    cfg, acc, mini = run.cfg, run.acc, run.cfg.mini_batch_size or len(prompts)
     width = max(map(len, encode_prompts(run.roles.lm, prompts))) + cfg.max_new_tokens  # the longest possible row
-    chunked = min(micro_batch_size(cfg, acc.device, run.share, width), cfg.mini_batch_size) < len(prompts)
+    chunked = min(micro_batch_size(cfg, acc.device, run.share, width), mini) < len(prompts)
     mixed = getattr(acc, "mixed_precision", "no")
     return fastpath.capture_while_sampling(acc.device, chunked=chunked, mixed_precision=mixed)
 
@@ -300,17 +314,6 @@ def _rows(ro: R.Rollout, idx: torch.Tensor) -> R.Rollout:
     if ro.prefix is not None:
         rows.prefix = (ro.prefix[0], ro.prefix[1][idx])
     return rows
-
-
-def _samples(ro: R.Rollout, n: int = 4) -> dict[str, Any]:
-    kl = ro.kl.sum(1)
-    return {
-        "title": "latest samples",
-        "rows": [
-            {"prompt": p, "answer": t, "score": float(s), "KL": float(k)}
-            for p, t, s, k in list(zip(ro.prompts, ro.texts, ro.scores, kl))[:n]
-        ],
-    }
 
 
 def _prompt_order(n: int, seed: int) -> list[int]:
@@ -326,7 +329,7 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     if cfg.lora:
         lm, ref_lm = pol.lm, pol.lm
         new = add_adapter(lm, f"{name}-ppo", cfg.lora)
-        policy = [*_as_list(pol.adapter), new]
+        policy = [*R.as_list(pol.adapter), new]
         trained = adapter_parameters(lm, new)
     else:
         from .adapters import merged_copy
@@ -335,11 +338,15 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
         lm = LoadedModel(pol.lm.spec, model, pol.lm.tokenizer, pol.lm.source)  # fp32 master weights: all train
         ref_lm, policy, trained = pol.lm, None, list(lm.model.parameters())
     reference = pol.adapter
-    value_head = _value_head(cfg.reward, lm, runtime)
-    roles = R.Roles(lm, policy, reference, ref_lm, _scorer(cfg.reward, pol, lm, runtime), runtime.autocast)
+    value_head = R.value_head_for(cfg.reward, lm, runtime)
+    roles = R.Roles(lm, policy, reference, ref_lm, R.scorer_for(cfg.reward, pol, lm, runtime), runtime.autocast)
     roles.bf16_weights = runtime.precision == "bf16"
     rm = cfg.reward if isinstance(cfg.reward, RewardHandle) and cfg.reward.lm is lm else None
-    roles.adapters = (*_as_list(policy), *(_as_list(reference) if ref_lm is lm else []), *_as_list(rm and rm.adapter))
+    roles.adapters = (
+        *R.as_list(policy),
+        *(R.as_list(reference) if ref_lm is lm else []),
+        *R.as_list(rm and rm.adapter),
+    )
     from .kl_control import AdaptiveKLController, FixedKLController
 
     kl_ctl = (
@@ -350,41 +357,6 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     state = PPOState(roles, value_head, trained + list(value_head.parameters()), kl_ctl)
     parents = (pol.name, getattr(cfg.reward, "name", getattr(cfg.reward, "__name__", "reward")))
     return PPOHandle(name, lm, state=state, runtime=runtime, adapter=policy, config=cfg, parents=parents)
-
-
-def _as_list(adapter: Any) -> list[str]:
-    if adapter is None:
-        return []
-    return [adapter] if isinstance(adapter, str) else list(adapter)
-
-
-def _value_head(reward: Any, lm: LoadedModel, runtime: Runtime) -> nn.Linear:
-    """Where the reward model shares the hidden size: its normalised head, score = (raw - mean) * gain, so the
-    first values are on the scale of the scores; else initialised like a reward head."""
-    head = make_head(lm.model.config.hidden_size, runtime.device)
-    if isinstance(reward, RewardHandle) and reward.head.weight.shape == head.weight.shape:
-        with torch.no_grad():
-            head.weight.copy_(reward.head.weight * reward.gain)
-            head.bias.copy_((reward.head.bias - reward.mean) * reward.gain)
-    return head
-
-
-def _scorer(reward: Any, pol: PolicyHandle, lm: LoadedModel, runtime: Runtime) -> Any:
-    """Score token rows directly when the reward model shares the tokenizer; a callable gets the texts."""
-    if isinstance(reward, RewardHandle):
-        if reward.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
-            raise ConfigError(
-                f"reward model {reward.name!r} uses a different tokenizer than policy {pol.name!r}, so "
-                f"its scores would need re-tokenised text; train the reward model from this policy, or "
-                f"pass reward = lambda p, r: {reward.name}.score(p, r)"
-            )
-        same_base = reward.lm is lm  # then the rollout's shared frozen prefix is valid for it too
-        return lambda prompts, texts, ids, mask, prefix: reward.score_tokens(ids, mask, prefix if same_base else None)
-    if callable(reward):
-        return R.callable_scorer(reward, runtime.device)
-    raise ConfigError(
-        f"reward = {reward!r} is not valid; expected a reward handle or a callable f(prompts, responses) -> list[float]"
-    )
 
 
 def _summary(handle: PPOHandle, stop: StopControl) -> dict[str, Any]:

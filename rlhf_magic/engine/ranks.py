@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 RANK_STRIDE = 1_000_003  # sampling seeds of two ranks differ by this much: their streams never meet in a run
 THROUGHPUT = "ppo/time/generated_tok_s"
 
@@ -45,8 +47,14 @@ def same_chunks(cfg: Any) -> Any:
     """Every process must run the same forward and backward passes (DDP synchronises each one). The CPU fast path
     sizes PPO's micro-batches by the rollout's token width, which differs between ranks' prompts, so with several
     processes an unset micro_batch_size becomes the whole minibatch (what a GPU runs anyway)."""
+    whole = cfg.mini_batch_size or cfg.batch_size
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and (cfg.micro_batch_size or whole) < whole:
+        raise ConfigError(
+            f"micro_batch_size = {cfg.micro_batch_size}: under DeepSpeed every backward pass ends in an optimizer "
+            "step, so a minibatch must be one pass; leave micro_batch_size unset"
+        )
     if processes() > 1 and cfg.micro_batch_size is None:
-        return dataclasses.replace(cfg, micro_batch_size=cfg.mini_batch_size)
+        return dataclasses.replace(cfg, micro_batch_size=whole)
     return cfg
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import statistics
 import time
@@ -18,6 +17,7 @@ from .. import ops
 from ..config import RewardConfig
 from ..errors import ConfigError, DataError
 from ..events import Callback, Emitter, StopControl
+from . import divergence
 from .adapters import add_adapter, train_only, use_adapter
 from .handles import PolicyHandle
 from .loop import TrainState, run_steps
@@ -53,7 +53,6 @@ def train_reward(
     """`policies` (the session) resolves the policy names in the records, for the tokenizer check."""
     stop = stop or StopControl()
     emit = Emitter("reward", callbacks)
-    check_config(cfg)
     seed_everything(cfg.seed)
     # 1. the rankings (checked before any model loads), then the backbone: the SFT weights, shared through LoRA
     prefs = to_preferences(cfg.data)
@@ -74,9 +73,12 @@ def train_reward(
     params = handle.trainable_parameters()
     train_only(lm.model, params)
     pad = lm.tokenizer.pad_token_id
-    lr = cfg.lr or (1e-4 if cfg.lora else 1e-5)
+    default_lr = 1e-4 if cfg.lora else 1e-5
+    lr = cfg.lr or default_lr
     loss = RankingLoss(lm.model, head, cfg.margin)
     state = TrainState.build(runtime, loss, params, cfg=cfg, lr=lr, dataset=train, collate=lambda b: collate(b, pad))
+    rules = _rules(cfg, lm, lr, default_lr)  # NaN, inf and blow-ups
+    state.watch = divergence.watch(state.params, rules, emit=emit, stop=stop, cfg=cfg, acc=state.accelerator)
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
     # 6. the loop, with held-out accuracy about six times a run; eval mode keeps every dropout off
@@ -94,6 +96,7 @@ def train_reward(
     shown = evals or random.Random(cfg.seed).sample(train, min(REPORT_MAX, len(train)))
     final = report(handle, shown, cfg.batch_size, emit, state.accelerator)
     handle.metrics.summary.update({**_summary(handle, state, stop, final, bool(evals)), **norm_stats})
+    handle.metrics.summary.update(state.watch.summary())
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
         handle.save(cfg.output_dir)
@@ -111,20 +114,11 @@ def backbone(cfg: RewardConfig, runtime: Runtime) -> tuple[LoadedModel, str | No
     return lm, init_from, parents
 
 
-def check_config(cfg: RewardConfig) -> None:
-    checks = [
-        ("batch_size", cfg.batch_size >= 1, "a positive number of prompts"),
-        ("grad_accum", cfg.grad_accum >= 1, "a positive integer"),
-        ("epochs", cfg.epochs > 0, "a positive number"),
-        ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, "a positive integer or None"),
-        ("max_length", cfg.max_length >= 2, "at least 2 tokens"),
-        ("eval_fraction", 0 <= cfg.eval_fraction < 1, "a share from 0 up to (not including) 1, e.g. 0.2"),
-        ("margin", math.isfinite(cfg.margin), "a finite number"),
-        ("lr", cfg.lr is None or cfg.lr > 0, "a positive number"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key} = {getattr(cfg, key)!r} is not valid; expected {expected}")
+def _rules(cfg: RewardConfig, lm: LoadedModel, lr: float, default_lr: float) -> divergence.Rules:
+    """Divergence alarms; equal scores give every pair the loss softplus(margin)."""
+    equal = float(torch.nn.functional.softplus(torch.tensor(float(cfg.margin))))
+    fix = divergence.lr_fix(lr, default_lr)
+    return divergence.Rules("reward", divergence.vocab_size(lm.model), fix, uniform=equal)
 
 
 def to_preferences(data: Any) -> Any:

@@ -17,7 +17,7 @@ from .adapters import adapter_parameters, merged_copy, use_adapter
 from .fastpath import Prefix
 from .handles import Handle, atomic_dir, config_summary
 from .models import LoadedModel
-from .modules import hidden_states
+from .modules import OverModel, hidden_states
 from .runtime import Runtime
 from .text import encode, format_prompt
 
@@ -59,7 +59,7 @@ def last_token_scores(
         return head(picked.float()).squeeze(-1)
 
 
-class RankingLoss(nn.Module):
+class RankingLoss(OverModel):
     """All K answers of each prompt in one forward pass; the InstructGPT loss over every ordered pair."""
 
     def __init__(self, model: Any, head: nn.Module, margin: float):
@@ -197,7 +197,7 @@ def load_reward(path: str | Path, runtime: Runtime, name: str | None = None) -> 
         )
     lm = runtime.load_fresh(str(path))
     head = make_head(lm.model.config.hidden_size, runtime.device)
-    head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device))
+    head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device, weights_only=True))
     name = name or meta.get("name", "reward")
     parents, max_length = meta.get("parents", []), int(meta.get("max_length", 512))
     handle = RewardHandle(name, lm, head, runtime=runtime, parents=parents, max_length=max_length)

@@ -11,17 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .. import ops
-from ..errors import ConfigError
+from ..errors import ConfigError, RLHFError, calling
 from . import fastpath
 from .adapters import use_adapter
 from .generation import sample
 from .models import LoadedModel
 from .modules import PolicyValue, response_logprobs
+from .reward_model import RewardHandle, make_head
+
+if TYPE_CHECKING:
+    from .handles import PolicyHandle
+    from .runtime import Runtime
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     prefix: fastpath.Prefix | None = None  # the shared frozen-prefix hidden states of these rows
     hidden: torch.Tensor | None = None  # [B, Tr, H] captured while sampling: the states that predicted each token
+    error: RLHFError | None = None  # the reward's own error (its scores are then NaN until every process stops)
 
     @property
     def responses(self) -> torch.Tensor:
@@ -117,8 +124,12 @@ def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.T
 
 
 def score(roles: Roles, ro: Rollout, penalty: float | None) -> None:
-    """Steps 5-6: one batched reward call, then the missing-EOS penalty."""
-    scores = roles.score(ro.prompts, ro.texts, ro.input_ids, ro.attention_mask, ro.prefix)
+    """Steps 5-6: one batched reward call, then the missing-EOS penalty. A reward that raises gives NaN scores
+    and keeps its error in `ro.error`: every process stops together (see `bad_score`), then this one raises it."""
+    try:
+        scores = roles.score(ro.prompts, ro.texts, ro.input_ids, ro.attention_mask, ro.prefix)
+    except RLHFError as e:
+        ro.error, scores = e, torch.full((len(ro.texts),), math.nan, device=ro.input_ids.device)
     ro.scores = ops.apply_missing_eos_penalty(scores.float(), ro.has_eos, penalty)
 
 
@@ -138,7 +149,8 @@ def callable_scorer(fn: Callable[..., Any], device: torch.device) -> Callable[..
     name = getattr(fn, "__name__", type(fn).__name__)
 
     def scorer(prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor, _: Any) -> torch.Tensor:
-        out = fn(list(prompts), list(texts))
+        with calling("reward", fn):  # one line naming fn, the exception and its line; %tb has the traceback
+            out = fn(list(prompts), list(texts))
         try:
             values = [float(v) for v in out]
         except (TypeError, ValueError):
@@ -160,6 +172,16 @@ def _brief(obj: Any) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
+def bad_score(ro: Rollout, bad: int | None) -> str:
+    """What was wrong with this process's scores ('' when only another process's were), once every process has
+    agreed to stop; where the reward raised, its own one-line error instead."""
+    if ro.error is not None:
+        raise ro.error
+    if bad is None or ro.scores is None:
+        return ""
+    return f"{float(ro.scores[bad])} for answer {bad} ({ro.texts[bad][:60]!r})"
+
+
 def first_bad_score(scores: torch.Tensor) -> int | None:
     bad = (~torch.isfinite(scores)).nonzero()
     return int(bad[0]) if len(bad) else None
@@ -168,3 +190,39 @@ def first_bad_score(scores: torch.Tensor) -> int | None:
 def mean(x: torch.Tensor) -> float:
     v = float(x.float().mean()) if x.numel() else math.nan
     return v
+
+
+# ------------------------------------------------------------------------------------------------- roles
+def as_list(adapter: Any) -> list[str]:
+    if adapter is None:
+        return []
+    return [adapter] if isinstance(adapter, str) else list(adapter)
+
+
+def value_head_for(reward: Any, lm: LoadedModel, runtime: Runtime) -> nn.Linear:
+    """Where the reward model shares the hidden size: its normalised head, score = (raw - mean) * gain, so the
+    first values are on the scale of the scores; else initialised like a reward head."""
+    head = make_head(lm.model.config.hidden_size, runtime.device)
+    if isinstance(reward, RewardHandle) and reward.head.weight.shape == head.weight.shape:
+        with torch.no_grad():
+            head.weight.copy_(reward.head.weight * reward.gain)
+            head.bias.copy_((reward.head.bias - reward.mean) * reward.gain)
+    return head
+
+
+def scorer_for(reward: Any, pol: PolicyHandle, lm: LoadedModel, runtime: Runtime) -> Any:
+    """Score token rows directly when the reward model shares the tokenizer; a callable gets the texts."""
+    if isinstance(reward, RewardHandle):
+        if reward.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+            raise ConfigError(
+                f"reward model {reward.name!r} uses a different tokenizer than policy {pol.name!r}, so "
+                f"its scores would need re-tokenised text; train the reward model from this policy, or "
+                f"pass reward = lambda p, r: {reward.name}.score(p, r)"
+            )
+        same_base = reward.lm is lm  # then the rollout's shared frozen prefix is valid for it too
+        return lambda prompts, texts, ids, mask, prefix: reward.score_tokens(ids, mask, prefix if same_base else None)
+    if callable(reward):
+        return callable_scorer(reward, runtime.device)
+    raise ConfigError(
+        f"reward = {reward!r} is not valid; expected a reward handle or a callable f(prompts, responses) -> list[float]"
+    )

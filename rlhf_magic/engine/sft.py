@@ -15,6 +15,7 @@ from ..config import SFTConfig
 from ..data import sft_chats
 from ..errors import DataError
 from ..events import Callback, Emitter, StopControl
+from . import divergence
 from .adapters import adapter_parameters, add_adapter, train_only, use_adapter
 from .handles import PolicyHandle
 from .loop import TrainState, run_steps
@@ -44,9 +45,12 @@ def train_sft(
     handle = PolicyHandle(name, "sft", lm, runtime=runtime, adapter=adapter, config=cfg, parents=parents)
     before = handle.generate(sample_prompts, max_new_tokens=48) if sample_prompts else []
     # 4. optimizer, schedule and accelerate
-    lr = cfg.lr or (2e-4 if cfg.lora else 2e-5)
+    default_lr = 2e-4 if cfg.lora else 2e-5
+    lr = cfg.lr or default_lr
     collate_fn = functools.partial(collate, pad_id=lm.tokenizer.pad_token_id)
     state = TrainState.build(runtime, TokenLoss(lm.model), params, cfg=cfg, lr=lr, dataset=train, collate=collate_fn)
+    rules = divergence.Rules("sft", divergence.vocab_size(lm.model), divergence.lr_fix(lr, default_lr))
+    state.watch = divergence.watch(state.params, rules, emit=emit, stop=stop, cfg=cfg, acc=state.accelerator)
     emit.total = state.total_steps
     emit("start", payload={"config": cfg, "train": len(train), "eval": len(evals), "handle": handle})
     # 5. the loop: one event per optimizer step, eval every ~10% and at the end
@@ -72,7 +76,7 @@ def train_sft(
                 "rows": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(sample_prompts, before, after)],
             },
         )
-    handle.metrics.summary.update(_summary(handle, state, stop))
+    handle.metrics.summary.update({**_summary(handle, state, stop), **state.watch.summary()})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
         handle.save(cfg.output_dir)
@@ -81,8 +85,9 @@ def train_sft(
 
 def resolve_start(cfg: Any, runtime: Runtime) -> tuple[LoadedModel, str | None, tuple[str, ...]]:
     """(model to train on, adapter to copy first, parents). Full fine-tuning gets a private copy (fp32 master weights);
-    a model named by a string is refused before loading when the stage cannot fit in memory."""
-    from .models import Workload
+    a model named by a string is refused before loading when the stage cannot fit in memory, one in memory (a
+    handle, a cached model) before training starts."""
+    from .memory import Workload, check_training
 
     src, revision = cfg.model, getattr(cfg, "revision", None)
     if isinstance(src, PolicyHandle):
@@ -90,6 +95,7 @@ def resolve_start(cfg: Any, runtime: Runtime) -> tuple[LoadedModel, str | None, 
             from ..errors import ConfigError
 
             raise ConfigError(f"revision = {revision!r} applies to a hub model id, not to the policy {src.name!r}")
+        check_training(cfg, src.lm.model, runtime, label=f"model = {src.name!r}", copy=not cfg.lora)
         if not cfg.lora:
             import copy
 
@@ -104,6 +110,7 @@ def resolve_start(cfg: Any, runtime: Runtime) -> tuple[LoadedModel, str | None, 
         raise DataError(f"model = {src!r} is not valid; expected a model name, a checkpoint path or a policy handle")
     kw = {"revision": revision, "workload": Workload.of(cfg)}
     lm = runtime.load(src, **kw) if cfg.lora else runtime.load_fresh(src, **kw)
+    check_training(cfg, lm.model, runtime, label=f"model = {src!r}")  # a cached model skipped the check at load
     return lm, None, (src,)
 
 

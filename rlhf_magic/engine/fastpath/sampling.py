@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ..divergence import raise_non_finite
 from ..patching import original, patched
 from . import cpu_bf16, native
 from .decode import lean_sample, supports
@@ -61,7 +62,9 @@ def _fast_multinomial(probs: torch.Tensor, num_samples: int = 1, replacement: bo
         return torch_multinomial(probs, num_samples, replacement, **kw)
     try:
         return ops.categorical(probs)
-    except ValueError:  # inf or nan: torch.multinomial's own error
+    except ValueError:  # inf or nan: one line (divergence.finite_logits stops such logits first); else torch's error
+        if not bool(torch.isfinite(probs).all()):
+            raise_non_finite(probs)
         return torch_multinomial(probs, num_samples, replacement)
 
 
