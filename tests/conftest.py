@@ -74,3 +74,44 @@ def runtime():
     from rlhf_magic.engine.runtime import Runtime
 
     return Runtime("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+# The launched runs (tests/launches.py), shared by test_distributed.py (DDP) and test_sharded.py (FSDP2 vs DDP).
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    from launches import write_data
+
+    root = tmp_path_factory.mktemp("dist")
+    write_data(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sft_run(runs):
+    from launches import CONFIGS, launch
+
+    return launch(runs, "sft", CONFIGS["sft"])
+
+
+@pytest.fixture(scope="session")
+def reward_run(runs, sft_run):
+    from launches import CONFIGS, launch
+
+    return launch(runs, "reward", CONFIGS["reward"])
+
+
+@pytest.fixture(scope="session")
+def ppo_run(runs, sft_run, reward_run):
+    from launches import CONFIGS, launch
+
+    return launch(runs, "ppo", CONFIGS["ppo"])
+
+
+@pytest.fixture(scope="session")
+def fsdp2_runs(tmp_path_factory):
+    from launches import CONFIGS, launch, write_data
+
+    root = tmp_path_factory.mktemp("fsdp2")
+    write_data(root)
+    return root, {stage: launch(root, stage, CONFIGS[stage], fsdp2=True) for stage in CONFIGS}

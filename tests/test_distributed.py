@@ -1,28 +1,21 @@
 """Data parallelism: each stage under `accelerate launch` with two CPU processes, and the rank logic in one process.
 
-The slow tests launch this file itself (see `_launched` at the end): it runs `rlhf_magic.cli.main` with spies that
-log, per process, the training rows it saw, the rollouts it sampled (prompts, seed, answers), its raw PPO rows,
-its metric history and every folder it saved. The stages chain through files: SFT saves runs/sft, the reward
-model trains from it and saves runs/rm, PPO loads both.
+The slow tests check the runs of `tests/launches.py` (session fixtures in conftest.py): each process runs
+`rlhf_magic.cli.main` with spies that log the training rows it saw, the rollouts it sampled (prompts, seed,
+answers), its raw PPO rows, its metric history and every folder it saved.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-
-BIN = Path(sys.executable).parent
+from launches import check_common
 
 
 # ------------------------------------------------------------------------------------------------ one process
@@ -189,8 +182,9 @@ def test_a_bad_reward_in_one_process_stops_every_process():
 def test_ppo_without_lora_trains_fp32_master_weights_of_a_16_bit_policy(pairs):
     """On a bf16 GPU the shared policy's weights are bf16; PPO's private full copy must train in fp32."""
     from rlhf_magic import api
-    from rlhf_magic.config import PPOConfig, build_config
+    from rlhf_magic.config import PPOConfig
     from rlhf_magic.engine import ppo as P
+    from rlhf_magic.validation import build_config
 
     sft = api.sft("m16", model="tiny", data=pairs, max_steps=1, lora=False, progress=False)
     sft.lm.model.to(torch.bfloat16)  # as a bf16 GPU loads it
@@ -212,63 +206,15 @@ def test_several_processes_run_the_same_ppo_chunks(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ two processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(root: Path, stage: str, config: str) -> dict[str, Any]:
-    """`rlhf-magic STAGE CONFIG` in two CPU processes (gloo); returns the summary, stdout and each rank's log."""
-    (root / f"{stage}.toml").write_text(config)
-    spies = root / f"spy-{stage}"
-    spies.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env["RLHF_MAGIC_TEST_SPIES"] = str(spies)
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    cmd += [__file__, stage, str(root / f"{stage}.toml"), "--summary", str(root / f"{stage}.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    logs = [json.loads((spies / f"rank{r}.json").read_text()) for r in (0, 1)]
-    summary = json.loads((root / f"{stage}.json").read_text())
-    return {"summary": summary, "stdout": proc.stdout, "logs": logs}
-
-
-def _check_common(run: dict[str, Any], out: Path) -> None:
-    """Identical weights, metrics identical on both ranks and printed once, one save by rank 0."""
-    a, b = run["summary"]["param_checksums"]
-    assert run["summary"]["num_processes"] == 2 and a == pytest.approx(b, rel=1e-12) and a > 0
-    assert run["logs"][0]["history"] == run["logs"][1]["history"]  # reduced: the same on every process
-    printed = [line for line in run["stdout"].splitlines() if line.startswith("{")]
-    assert len(printed) == 1 and json.loads(printed[0]) == run["summary"]["metrics"]
-    assert run["logs"][0]["saved"] == [str(out.resolve())] and run["logs"][1]["saved"] == []
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("dist")
-
-
-@pytest.fixture(scope="module")
-def sft_run(runs):
-    pairs = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}." + "!" * (i % 5)} for i in range(20)]
-    (runs / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    config = (
-        'model = "tiny"\ndata = "pairs.jsonl"\nepochs = 2\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\n'
-        'output_dir = "sft"\n[lora]\nr = 4\n'
-    )
-    return launch(runs, "sft", config)
-
-
 @pytest.mark.slow
 def test_sft_two_processes_split_the_data_and_the_eval(runs, sft_run):
     from rlhf_magic.cli import read_config_file
-    from rlhf_magic.config import SFTConfig, build_config
+    from rlhf_magic.config import SFTConfig
     from rlhf_magic.engine.modules import TokenLoss
     from rlhf_magic.engine.sft import _evaluator, prepare_data
+    from rlhf_magic.validation import build_config
 
-    _check_common(sft_run, runs / "sft")
+    check_common(sft_run, runs / "sft")
     lm = _loaded(runs / "sft")
     cfg = build_config(SFTConfig, {**read_config_file(runs / "sft.toml"), "data": str(runs / "pairs.jsonl")})
     train, evals, _ = prepare_data(cfg, lm)
@@ -288,24 +234,6 @@ def _loaded(path: Path) -> Any:
     return Runtime("cpu").load(str(path))
 
 
-@pytest.fixture(scope="module")
-def reward_run(runs, sft_run):
-    records = [
-        {
-            "prompt": f"Say something, {i}.",
-            "responses": ["q" * (i % 4 + 1), "ab" * (i % 3 + 1), "z"],
-            "ranking": [0, 1, 2],
-        }
-        for i in range(20)
-    ]
-    (runs / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = (
-        'model = "sft"\ndata = "prefs.jsonl"\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\nnormalize = false\n'
-        'output_dir = "rm"\n[lora]\nr = 4\n'
-    )
-    return launch(runs, "reward", config)
-
-
 @pytest.mark.slow
 def test_reward_two_processes_split_the_data_and_the_eval(runs, reward_run):
     from rlhf_magic.engine import reward as R
@@ -313,7 +241,7 @@ def test_reward_two_processes_split_the_data_and_the_eval(runs, reward_run):
     from rlhf_magic.engine.runtime import Runtime
     from rlhf_magic.preferences import Preferences
 
-    _check_common(reward_run, runs / "rm")
+    check_common(reward_run, runs / "rm")
     rm = load_reward(runs / "rm", Runtime("cpu"))
     items = R.load_items(Preferences.load(runs / "prefs.jsonl"), rm.tokenizer, 512)
     train, evals = R.split(items, 0.2, 0)
@@ -328,19 +256,9 @@ def test_reward_two_processes_split_the_data_and_the_eval(runs, reward_run):
     assert last["eval/accuracy"] == pytest.approx(single["eval/accuracy"], abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def ppo_run(runs, sft_run, reward_run):
-    (runs / "prompts.txt").write_text("".join(f"Tell me about number {i}.\n" for i in range(8)))
-    config = (
-        'policy = "sft"\nreward = "rm"\nprompts = "prompts.txt"\nsteps = 2\nbatch_size = 2\nmini_batch_size = 2\n'
-        'num_ppo_epochs = 1\nmax_new_tokens = 8\nlr = 0.001\noutput_dir = "ppo"\n[lora]\nr = 4\n'
-    )
-    return launch(runs, "ppo", config)
-
-
 @pytest.mark.slow
 def test_ppo_two_processes_sample_their_own_prompts_with_their_own_seeds(runs, ppo_run):
-    _check_common(ppo_run, runs / "ppo")
+    check_common(ppo_run, runs / "ppo")
     rollouts = [log["rollouts"] for log in ppo_run["logs"]]
     assert len(rollouts[0]) == len(rollouts[1]) == 2
     for mine, theirs in zip(*rollouts):
@@ -353,69 +271,6 @@ def test_ppo_two_processes_sample_their_own_prompts_with_their_own_seeds(runs, p
         mean = (raw[0][step]["ppo/objective/scores"] + raw[1][step]["ppo/objective/scores"]) / 2
         assert logged["ppo/objective/scores"] == pytest.approx(mean, rel=1e-9)
         assert raw[0][step]["ppo/objective/scores"] != raw[1][step]["ppo/objective/scores"]
-
-
-# ------------------------------------------------------------------------------------------------ the launched side
-def _launched(argv: list[str]) -> int:
-    """A process of `launch`: the CLI, with spies that log what this process did to RLHF_MAGIC_TEST_SPIES."""
-    from rlhf_magic import cli
-    from rlhf_magic.engine import handles, ppo, reward, reward_model, rollout, sft
-
-    log: dict[str, list] = {"rows": [], "rollouts": [], "ppo_rows": [], "saved": [], "history": []}
-    for module in (sft, reward):
-        _spy_rows(module, log["rows"])
-    for module in (handles, reward_model):
-        _spy_saves(module, log["saved"])
-    generate, step, summary = rollout.generate, ppo.ppo_step, cli._summary
-
-    def spy_generate(roles: Any, prompts: list[str], cfg: Any, seed: int, capture: bool = False) -> Any:
-        ro = generate(roles, prompts, cfg, seed, capture)
-        log["rollouts"].append({"prompts": list(prompts), "seed": seed, "texts": list(ro.texts)})
-        return ro
-
-    def spy_step(run: Any, prompts: list[str]) -> Any:
-        row = step(run, prompts)
-        log["ppo_rows"].append(dict(row) if row else None)
-        return row
-
-    def spy_summary(handle: Any) -> dict[str, Any]:
-        log["history"] = handle.metrics.history
-        return summary(handle)
-
-    rollout.generate, ppo.ppo_step, cli._summary = spy_generate, spy_step, spy_summary
-    code = cli.main(argv)
-    out = Path(os.environ["RLHF_MAGIC_TEST_SPIES"]) / f"rank{os.environ.get('RANK', '0')}.json"
-    out.write_text(json.dumps(log, default=float))
-    return code
-
-
-def _spy_rows(module: Any, rows: list) -> None:
-    """Log the unpadded token rows of every training batch this process runs."""
-    original = module.run_steps
-
-    def run_steps(*args: Any, tokens_of: Any, **kwargs: Any) -> Any:
-        def counted(batch: dict[str, torch.Tensor]) -> int:
-            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-            rows.extend(ids[i][mask[i]].tolist() for i in range(ids.shape[0]))
-            return tokens_of(batch)
-
-        return original(*args, tokens_of=counted, **kwargs)
-
-    module.run_steps = run_steps
-
-
-def _spy_saves(module: Any, saved: list) -> None:
-    original = module.atomic_dir
-
-    def atomic_dir(path: Path, write: Any) -> Path:
-        saved.append(str(Path(path).expanduser().resolve()))
-        return original(path, write)
-
-    module.atomic_dir = atomic_dir
-
-
-if __name__ == "__main__":
-    sys.exit(_launched(sys.argv[1:]))
 
 
 def test_ppo_health_warnings_read_the_metrics_of_all_processes(pairs, monkeypatch):
