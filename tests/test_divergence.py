@@ -16,6 +16,7 @@ import re
 
 import pytest
 import torch
+from planted import q_rankings
 
 from rlhf_magic import api
 from rlhf_magic.engine import divergence as D
@@ -23,23 +24,6 @@ from rlhf_magic.engine.generation import sample
 from rlhf_magic.events import Emitter, Event, StopControl
 
 PROMPTS = [f"List letters {i}" for i in range(32)]
-
-
-def q_rankings(n: int, seed: int = 0) -> list[dict]:
-    """4 answers of random letters; the more 'q's, the better (as tests/test_reward.py)."""
-    rng = random.Random(seed)
-
-    def answer(q: int) -> str:
-        chars = [rng.choice("abcdefghijklmnop") for _ in range(rng.randint(8, 14))] + ["q"] * q
-        rng.shuffle(chars)
-        return "".join(chars)
-
-    out = []
-    for i in range(n):
-        qs = rng.sample(range(4), 4)
-        order = sorted(range(4), key=lambda j: -qs[j])
-        out.append({"prompt": f"Say something, {i}.", "responses": [answer(q) for q in qs], "ranking": order})
-    return out
 
 
 SFT_LINES = {

@@ -10,12 +10,12 @@ import copy
 import itertools
 import json
 import math
-import random
 import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
+from planted import q_rankings
 
 from rlhf_magic import api, labelers
 from rlhf_magic.config import RewardConfig
@@ -25,23 +25,6 @@ from rlhf_magic.engine.handles import PolicyHandle
 from rlhf_magic.engine.models import LoadedModel
 from rlhf_magic.errors import ConfigError, DataError, ModelError
 from rlhf_magic.preferences import Preferences
-
-
-def q_rankings(n: int, seed: int = 0) -> list[dict]:
-    """4 answers of random letters; the more 'q's an answer has, the better (a random model does not know that)."""
-    rng = random.Random(seed)
-
-    def answer(q: int) -> str:
-        chars = [rng.choice("abcdefghijklmnop") for _ in range(rng.randint(8, 14))] + ["q"] * q
-        rng.shuffle(chars)
-        return "".join(chars)
-
-    out = []
-    for i in range(n):
-        qs = rng.sample(range(4), 4)
-        order = sorted(range(4), key=lambda j: -qs[j])
-        out.append({"prompt": f"Say something, {i}.", "responses": [answer(q) for q in qs], "ranking": order})
-    return out
 
 
 def pair_accuracy(handle, records) -> float:
