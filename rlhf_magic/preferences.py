@@ -6,14 +6,15 @@ On disk (JSONL, one record a line, append-only) a ranking record is::
      "ranking": [0, [1, 2], 3], "labeler": "ann", "time": "2025-01-01T12:00:00+00:00",
      "flags": ["all_bad"], "comment": "", "policy": "sft", "replaces": null}
 
-`ranking` lists answer indices best first; a nested list is a group of tied answers. Undo appends
+`ranking` lists answer indices best first; a nested list is a group of tied answers. A prompt flagged "all
+answers are bad or unsafe" may have `"ranking": null` (no ranking). Undo appends
 `{"kind": "retraction", "id": ..., "retracts": "<id>"}`; a ranking with `"replaces": "<id>"` supersedes an
 earlier one (re-labelling after Back). Pair records (`prompt`, `chosen`, `rejected`) are read as rankings of two.
+Tables show rankings in the panel's letters ("B > A > C = D"), and read them back.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .agreement import Agreement, agreement
 from .errors import NEED_LABELS, DataError
+from .tables import HISTORY_COLUMNS, LETTERS, groups_of, history_rows, ranking_text, table
 
 RANKING, RETRACTION = "ranking", "retraction"
+ALL_BAD = "all_bad"  # the panel's flag: "all answers are bad or unsafe"
 RECORD_FORMATS = "ranking records (prompt/responses/ranking) or pairs (prompt/chosen/rejected)"
-COLUMNS = ("prompt", "responses", "ranking", "labeler", "time", "flags", "comment", "policy", "id")  # to_pandas()
+COLUMNS = ("prompt", "ranking", "flags", "comment", "labeler", "time", "responses", "policy", "id")  # to_pandas()
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")  # to_pandas(pairs=True), to_pairs()
 
 
@@ -86,6 +90,22 @@ def format_ranking(groups: Sequence[Sequence[int]]) -> list[Any]:
     return [g[0] if len(g) == 1 else sorted(g) for g in groups]
 
 
+def _from_text(text: str, where: str) -> Any:
+    """A ranking kept as text: JSON ('[1, [0, 2]]', 'null') or letters ('B > A = C'; '' is no ranking)."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    groups = [[tok.strip().upper() for tok in part.split("=")] for part in text.split(">")]
+    if not all(len(t) == 1 and t in LETTERS for g in groups for t in g):
+        raise DataError(
+            f"{where}: ranking {text!r} is not a list of answer indices, nor letters best first such as 'B > A = C'"
+        )
+    return format_ranking([[LETTERS.index(t) for t in g] for g in groups])
+
+
 def record_kind(rec: dict, where: str) -> str:
     """'ranking', 'retraction' or 'pair'; anything else is a foreign record (DataError)."""
     kind = rec.get("kind")
@@ -111,16 +131,17 @@ def normalize(rec: dict, where: str) -> dict:
         raise DataError(f"{where}: responses must be a list of strings")
     if len(responses) < 2:
         raise DataError(f"{where}: a ranking needs at least 2 answers, got {len(responses)}")
-    ranking = rec["ranking"]
-    if isinstance(ranking, str):  # Dataset rows (to_dataset) and CSV cells keep nested rankings as JSON text
-        try:
-            ranking = json.loads(ranking)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: ranking {ranking!r} is not a list of answer indices") from None
-    groups = parse_ranking(ranking, len(responses), where)
     flags = rec.get("flags") or []
     if not isinstance(flags, list):
         raise DataError(f"{where}: flags must be a list of strings")
+    ranking = rec["ranking"]
+    if isinstance(ranking, str):  # Dataset rows and CSV cells hold JSON text; to_pandas() tables hold letters
+        ranking = _from_text(ranking, where)
+    if ranking in (None, []) and flags:  # flagged "all answers are bad or unsafe": no ranking needed
+        return {**rec, "kind": RANKING, "ranking": None, "flags": flags}
+    if ranking is None:
+        raise DataError(f"{where}: the ranking is missing; only a flagged prompt (flags: [{ALL_BAD!r}]) may have none")
+    groups = parse_ranking(ranking, len(responses), where)
     return {**rec, "kind": RANKING, "ranking": format_ranking(groups), "flags": flags}
 
 
@@ -145,8 +166,9 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def apply_log(entries: Sequence[tuple[str, dict]]) -> list[dict]:
-    """Checked ranking records, with retracted and replaced ones removed (file order kept)."""
+def apply_log(entries: Sequence[tuple[str, dict]], log: list[dict] | None = None) -> list[dict]:
+    """Checked ranking records, with retracted and replaced ones removed (file order kept). `log`, when given,
+    receives every checked record in file order, retractions included (for `Preferences.history`)."""
     active: dict[int, dict] = {}
     by_id: dict[str, int] = {}
     for pos, (where, rec) in enumerate(entries):
@@ -156,6 +178,8 @@ def apply_log(entries: Sequence[tuple[str, dict]]) -> list[dict]:
                 warnings.warn(f"{where}: retracts {rec['retracts']!r}, which is not an active record", stacklevel=3)
             else:
                 del active[target]
+            if log is not None:
+                log.append(rec)
             continue
         norm = normalize(rec, where)
         old = norm.get("replaces")
@@ -164,15 +188,19 @@ def apply_log(entries: Sequence[tuple[str, dict]]) -> list[dict]:
         active[pos] = norm
         if isinstance(norm.get("id"), str):
             by_id[norm["id"]] = pos
+        if log is not None:
+            log.append(norm)
     return list(active.values())
 
 
 class Preferences:
-    """Ranked answers (retractions applied): `.ranked()`, `.to_pairs()`, `.to_dataset()`, `.to_pandas()`."""
+    """Ranked answers (retractions applied): `.ranked()`, `.to_pairs()`, `.to_dataset()`, `.to_pandas()`,
+    `.history()` and `.agreement()`. `log` keeps every record as written (replaced and undone ones too)."""
 
-    def __init__(self, records: Sequence[dict] = (), source: str | None = None):
+    def __init__(self, records: Sequence[dict] = (), source: str | None = None, log: Sequence[dict] | None = None):
         self.records: list[dict] = list(records)
         self.source = source
+        self.log: list[dict] = list(self.records if log is None else log)
 
     @classmethod
     def from_records(cls, records: Any, *, allow_empty: bool = False, source: str | None = None) -> Preferences:
@@ -180,11 +208,12 @@ class Preferences:
         from .data import read_records
 
         if isinstance(records, Preferences):
-            return cls(records.records, records.source)
+            return cls(records.records, records.source, records.log)
         if isinstance(records, (str, Path)):
             return cls.load(records, allow_empty=allow_empty)
         raw = read_records(records, "preferences")
-        prefs = cls(apply_log([(f"record {i}", r) for i, r in enumerate(raw)]), source)
+        log: list[dict] = []
+        prefs = cls(apply_log([(f"record {i}", r) for i, r in enumerate(raw)], log), source, log)
         return prefs if allow_empty else prefs.require()
 
     @classmethod
@@ -202,7 +231,8 @@ class Preferences:
             from .data import read_records
 
             entries = [(f"{path.name}, record {i}", r) for i, r in enumerate(read_records(path, "preferences"))]
-        prefs = cls(apply_log(entries), str(path))
+        log: list[dict] = []
+        prefs = cls(apply_log(entries, log), str(path), log)
         return prefs if allow_empty else prefs.require()
 
     def require(self) -> Preferences:
@@ -217,7 +247,7 @@ class Preferences:
             Ranked(
                 prompt=r["prompt"],
                 responses=list(r["responses"]),
-                groups=[g if isinstance(g, list) else [g] for g in r["ranking"]],
+                groups=groups_of(r),
                 labeler=str(r.get("labeler") or ""),
                 flags=list(r.get("flags") or []),
                 comment=str(r.get("comment") or ""),
@@ -235,120 +265,97 @@ class Preferences:
         return iter(self.ranked())
 
     def __add__(self, other: Preferences) -> Preferences:
-        return Preferences(self.records + Preferences.from_records(other, allow_empty=True).records)
+        more = Preferences.from_records(other, allow_empty=True)
+        return Preferences(self.records + more.records, log=self.log + more.log)
 
     @property
     def labelers(self) -> list[str]:
         return sorted({str(r.get("labeler") or "") for r in self.records})
 
-    def to_pairs(self, *, skip_flagged: bool = False) -> list[dict[str, str]]:
-        """Every strictly ordered answer pair: C(K, 2) per prompt without ties. Keys: prompt, chosen, rejected."""
-        out = []
-        for item in self.ranked():
-            if skip_flagged and item.flags:
-                continue
-            for b, w in item.pairs():
-                out.append({"prompt": item.prompt, "chosen": item.responses[b], "rejected": item.responses[w]})
-        return out
+    @property
+    def flagged(self) -> int:
+        """How many ranked prompts are flagged (e.g. "all answers are bad or unsafe")."""
+        return sum(bool(r.get("flags")) for r in self.records)
+
+    def without_flagged(self) -> Preferences:
+        """These preferences less the flagged prompts (what `to_pairs()` and `%%reward` learn from by default)."""
+        return Preferences([r for r in self.records if not r.get("flags")], self.source, self.log)
+
+    def to_pairs(self, *, include_flagged: bool = False) -> list[dict[str, str]]:
+        """Every strictly ordered answer pair: C(K, 2) per prompt without ties. Keys: prompt, chosen, rejected.
+        Flagged prompts are left out, with a warning saying how many, unless `include_flagged`."""
+        return self._pairs(include_flagged, "to_pairs", warn=True)
+
+    def _pairs(self, include_flagged: bool, caller: str, warn: bool) -> list[dict[str, str]]:
+        left_out = 0 if include_flagged else self.flagged
+        if left_out and warn:
+            warnings.warn(
+                f"{caller}: left out {left_out} flagged prompt(s) (all answers bad or unsafe); "
+                f"include_flagged=True keeps those with a ranking",
+                stacklevel=3,
+            )
+        source = self if include_flagged else self.without_flagged()
+        return [
+            {"prompt": item.prompt, "chosen": item.responses[b], "rejected": item.responses[w]}
+            for item in source.ranked()
+            for b, w in item.pairs()
+        ]
 
     def rows(self, pairs: bool = False) -> list[dict[str, Any]]:
+        """One dict per ranked prompt (rankings as indices), or pairs as in `to_pairs()`."""
         if pairs:
             return self.to_pairs()
         return [{k: r.get(k) for k in COLUMNS} for r in self.records]
 
-    def to_pandas(self, pairs: bool = False) -> Any:
-        """One row per ranked prompt (or per pair with `pairs=True`); no rankings give an empty table with the
-        same columns."""
-        import pandas as pd
+    def to_pandas(self, pairs: bool = False, *, include_flagged: bool = False) -> Any:
+        """One row per ranked prompt, rankings in the panel's letters ('B > A > C = D'), or one per pair with
+        `pairs=True` (flagged prompts left out as in `to_pairs()`). A notebook shows every text in full, wrapped.
+        No rankings give an empty table with the same columns."""
+        if pairs:
+            return table(self._pairs(include_flagged, "to_pandas", warn=True), PAIR_COLUMNS)
+        rows = [{**r, "ranking": ranking_text(groups_of(r)), "comment": r["comment"] or ""} for r in self.rows()]
+        return table(rows, COLUMNS)
 
-        return pd.DataFrame(self.rows(pairs), columns=list(PAIR_COLUMNS if pairs else COLUMNS))
-
-    def to_dataset(self, pairs: bool = False) -> Any:
-        """A `datasets.Dataset`: one row per ranked prompt, or prompt/chosen/rejected rows with `pairs=True`."""
+    def to_dataset(self, pairs: bool = False, *, include_flagged: bool = False) -> Any:
+        """A `datasets.Dataset`: one row per ranked prompt (rankings as JSON text of indices), or
+        prompt/chosen/rejected rows with `pairs=True` (flagged prompts left out as in `to_pairs()`)."""
         import datasets
 
-        rows = self.rows(pairs)
+        rows = self._pairs(include_flagged, "to_dataset", warn=True) if pairs else self.rows()
         if not rows:  # the same columns, no rows
             return datasets.Dataset.from_dict({c: [] for c in (PAIR_COLUMNS if pairs else COLUMNS)})
         if not pairs:
             rows = [{**r, "ranking": json.dumps(r["ranking"])} for r in rows]  # ragged nesting -> JSON text
         return datasets.Dataset.from_list(rows)
 
+    def history(self, prompt: str | None = None) -> Any:
+        """A table of what happened to `prompt` (every prompt if None): saved, replaced and undone rankings, in
+        file order, each with its time, labeler, ranking (letters), flags and comment."""
+        rows = history_rows(self.log)
+        if prompt is not None:
+            rows = [r for r in rows if r["prompt"] == prompt]
+            if not rows:
+                raise DataError(
+                    f"history: no ranking of prompt {str(prompt)[:60]!r} in these preferences; give one of the "
+                    f"prompts in .to_pandas()['prompt'], or no prompt for every one"
+                )
+        return table(rows, HISTORY_COLUMNS)
+
     def agreement(self) -> Agreement:
-        """Pairwise agreement between labelers on prompts several of them ranked (see `Agreement`)."""
+        """Pairwise agreement between labelers on prompts several of them ranked, with a 95% interval and the
+        prompts they disagree on most (see `rlhf_magic.agreement`)."""
         return agreement(self.ranked())
 
     def __repr__(self) -> str:
         ks = sorted({len(r["responses"]) for r in self.records})
         k = "" if not ks else f", K={ks[0]}" if len(ks) == 1 else f", K={ks[0]}..{ks[-1]}"
+        flagged = f" ({self.flagged} flagged, left out)" if self.flagged else ""
         return (
-            f"Preferences({len(self)} ranked prompts{k}, {len(self.to_pairs())} pairs, "
+            f"Preferences({len(self)} ranked prompts{k}, {len(self._pairs(False, '', warn=False))} pairs{flagged}, "
             f"labelers: {', '.join(self.labelers) or 'none'})"
         )
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Pairwise agreement between labelers who ranked the same answers to the same prompt.
-
-    For each prompt+answer set ranked by 2+ labelers, each answer pair and each two labelers who both ranked it
-    is one comparison; they agree when both put the same answer first or both call it a tie. `rate` is
-    agreed / compared (None when no prompt was ranked twice).
-    """
-
-    rate: float | None
-    compared: int
-    agreed: int
-    prompts: int
-    by_labelers: dict[tuple[str, str], float]
-
-    def __repr__(self) -> str:
-        if self.rate is None:
-            return "Agreement(no prompt was ranked by two labelers on the same answers)"
-        pairs = ", ".join(f"{a}~{b}: {v:.0%}" for (a, b), v in self.by_labelers.items())
-        return f"Agreement({self.rate:.1%} of {self.compared} comparisons on {self.prompts} prompts; {pairs})"
 
 
 def load_preferences(path: str | Path, *, allow_empty: bool = False) -> Preferences:
     """Read a preferences file (the panel's JSONL, or pair files in prompt/chosen/rejected form)."""
     return Preferences.load(path, allow_empty=allow_empty)
-
-
-def _relations(item: Ranked) -> dict[tuple[str, str], int]:
-    """For each two different answer texts (sorted): -1 if the first is better, 1 if worse, 0 for a tie."""
-    pos = {i: g for g, group in enumerate(item.groups) for i in group}
-    out: dict[tuple[str, str], int] = {}
-    for i, j in itertools.combinations(range(len(item.responses)), 2):
-        ti, tj = item.responses[i], item.responses[j]
-        if ti == tj:
-            continue
-        (a, pa), (b, pb) = sorted([(ti, pos[i]), (tj, pos[j])])
-        out.setdefault((a, b), (pa > pb) - (pa < pb))
-    return out
-
-
-def agreement(items: Sequence[Ranked]) -> Agreement:
-    """See `Agreement`. A labeler's latest ranking of a prompt+answer set counts; answers are matched by text."""
-    latest: dict[tuple[str, tuple[str, ...]], dict[str, dict[tuple[str, str], int]]] = {}
-    for item in items:
-        latest.setdefault((item.prompt, tuple(sorted(item.responses))), {})[item.labeler] = _relations(item)
-    tally: dict[tuple[str, str], list[int]] = {}
-    prompts = 0
-    for by_labeler in latest.values():
-        if len(by_labeler) < 2:
-            continue
-        prompts += 1
-        for a, b in itertools.combinations(sorted(by_labeler), 2):
-            ra, rb = by_labeler[a], by_labeler[b]
-            counts = tally.setdefault((a, b), [0, 0])
-            for pair in ra.keys() & rb.keys():
-                counts[0] += ra[pair] == rb[pair]
-                counts[1] += 1
-    agreed, compared = sum(c[0] for c in tally.values()), sum(c[1] for c in tally.values())
-    return Agreement(
-        rate=agreed / compared if compared else None,
-        compared=compared,
-        agreed=agreed,
-        prompts=prompts,
-        by_labelers={k: c[0] / c[1] for k, c in tally.items() if c[1]},
-    )

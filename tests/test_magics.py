@@ -268,6 +268,6 @@ def test_rank_never_shadows_a_result(ip, capsys, monkeypatch, tmp_path):
     ip.run_cell("del base")
     _refused(ip, capsys, rank.format("base"), msg)  # the session still has it: %compare base would find the panel
     _refused(ip, capsys, rank.format("rlhf"), "%rank 'rlhf': the result name must be a Python identifier (not 'rlhf')")
-    assert ip.run_cell(rank.format("prefs")).success and _printed(capsys) == []
-    assert ip.run_cell(rank.format("prefs")).success
-    assert _printed(capsys) == ["prefs: replaces the earlier ranking panel prefs"]
+    assert ip.run_cell(rank.format("prefs_once")).success and _printed(capsys) == []
+    assert ip.run_cell(rank.format("prefs_once")).success
+    assert _printed(capsys) == ["prefs_once: replaces the earlier ranking panel prefs_once"]

@@ -1,10 +1,12 @@
-"""Preferences: validation, retractions, torn lines, pairs, DataFrame/Dataset, agreement, simulated labelers."""
+"""Preferences: validation, retractions, torn lines, pairs, flags, tables, history, simulated labelers, and the
+panel's labeler name and Flag."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -84,14 +86,49 @@ def test_to_pairs_gives_k_choose_2_pairs_in_order():
     }  # fmt: skip
 
 
-def test_ties_give_no_pair_and_flags_can_be_dropped():
-    prefs = Preferences.from_records([rec([0, [1, 2], 3]), rec([[0, 1]], responses=["x", "y"], flags=["all_bad"])])
+def test_ties_give_no_pair():
+    prefs = Preferences.from_records([rec([0, [1, 2], 3]), rec([[0, 1]], responses=["x", "y"])])
     assert len(prefs.to_pairs()) == 5  # 6 pairs minus the tied one; the all-tie pair gives none
     assert ("bravo", "charlie") not in {(p["chosen"], p["rejected"]) for p in prefs.to_pairs()}
-    flagged = Preferences.from_records([rec([0, 1, 2, 3], flags=["all_bad"]), rec([1, 0], responses=["x", "y"])])
-    assert len(flagged.to_pairs()) == 7 and flagged.to_pairs(skip_flagged=True) == [
-        {"prompt": "p", "chosen": "y", "rejected": "x"}
-    ]
+
+
+def flagged_prefs():
+    """A ranked prompt, a flagged one with a ranking (an older panel), and a flagged one with none."""
+    return Preferences.from_records(
+        [
+            rec([1, 0], responses=["x", "y"]),
+            rec([0, 1, 2, 3], flags=["all_bad"]),
+            rec(None, prompt="q", flags=["all_bad"]),
+        ]
+    )
+
+
+def test_flagged_prompts_are_left_out_of_pairs_and_it_says_how_many():
+    prefs = flagged_prefs()
+    with pytest.warns(UserWarning, match=r"^to_pairs: left out 2 flagged prompt\(s\) .*include_flagged=True"):
+        assert prefs.to_pairs() == [{"prompt": "p", "chosen": "y", "rejected": "x"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keeping them says nothing
+        assert len(prefs.to_pairs(include_flagged=True)) == 1 + 6  # the one without a ranking gives no pair
+        assert len(prefs.to_pandas(pairs=True, include_flagged=True)) == 7
+    for view, name in [(prefs.to_pandas, "to_pandas"), (prefs.to_dataset, "to_dataset")]:
+        with pytest.warns(UserWarning, match=f"^{name}: left out 2 flagged"):
+            assert len(view(pairs=True)) == 1
+    assert "1 pairs (2 flagged, left out)" in repr(prefs) and prefs.flagged == 2
+    assert len(prefs.without_flagged()) == 1 and len(prefs) == 3
+
+
+def test_a_flagged_prompt_needs_no_ranking_and_round_trips():
+    prefs = flagged_prefs()
+    assert [r.groups for r in prefs.ranked()] == [[[1], [0]], [[0], [1], [2], [3]], []]
+    assert prefs.records[2]["ranking"] is None and prefs.records[2]["flags"] == ["all_bad"]
+    for view in (prefs.to_pandas(), prefs.to_dataset()):
+        back = Preferences.from_records(view)
+        assert [(r.groups, r.flags) for r in back.ranked()] == [(r.groups, r.flags) for r in prefs.ranked()]
+    with pytest.raises(DataError, match=r"^record 0: the ranking is missing; only a flagged prompt"):
+        Preferences.from_records([rec(None)])
+    with pytest.raises(DataError, match=r"record 0: ranking \[\] is incomplete"):
+        Preferences.from_records([rec([])])  # without a flag an empty ranking is still an incomplete one
 
 
 def test_retractions_and_replacements_are_applied(tmp_path):
@@ -156,15 +193,64 @@ def test_pair_files_import_from_jsonl_and_csv(tmp_path):
 
 
 def test_pandas_and_dataset_views():
-    prefs = Preferences.from_records([rec([0, [1, 2], 3], labeler="ann"), rec([3, 2, 1, 0], labeler="bob")])
+    prefs = Preferences.from_records(
+        [rec([0, [1, 2], 3], labeler="ann", comment="close call"), rec([3, 2, 1, 0], labeler="bob")]
+    )
     df = prefs.to_pandas()
-    assert list(df["labeler"]) == ["ann", "bob"] and df.loc[0, "ranking"] == [0, [1, 2], 3]
+    assert list(df["labeler"]) == ["ann", "bob"] and list(df["comment"]) == ["close call", ""]
+    assert list(df["ranking"]) == ["A > B = C > D", "D > C > B > A"]  # the panel's letters, best first
+    assert list(df.columns[:4]) == ["prompt", "ranking", "flags", "comment"]
     assert len(prefs.to_pandas(pairs=True)) == 5 + 6
     ds = prefs.to_dataset(pairs=True)
     assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 11
     rows = prefs.to_dataset()
-    assert len(rows) == 2 and json.loads(rows[0]["ranking"]) == [0, [1, 2], 3]
+    assert len(rows) == 2 and json.loads(rows[0]["ranking"]) == [0, [1, 2], 3]  # datasets keep indices
     assert "2 ranked prompts" in repr(prefs) and "11 pairs" in repr(prefs)
+
+
+def test_letter_rankings_read_back():
+    got = Preferences.from_records([rec("B > a = D > C"), rec("[3, 2, 1, 0]")]).ranked()
+    assert [r.groups for r in got] == [[[1], [0, 3], [2]], [[3], [2], [1], [0]]]
+    with pytest.raises(DataError, match=r"^record 0: ranking 'B > AA > C' is not a list of answer indices, nor"):
+        Preferences.from_records([rec("B > AA > C")])
+    with pytest.raises(DataError, match=r"record 0: ranking \[1, 0\] is incomplete"):
+        Preferences.from_records([rec("B > A")])
+
+
+def test_notebook_tables_show_full_texts_wrapped():
+    import pickle
+
+    long = "word " * 80 + "THE END"
+    prefs = Preferences.from_records([rec([1, 0], responses=[long, "short"], comment=long)])
+    for df in (prefs.to_pandas(pairs=True), prefs.to_pandas(), prefs.to_pandas(pairs=True).head(1)):
+        shown = df._repr_html_()
+        assert "THE END" in shown and "white-space:pre-wrap" in shown  # pandas alone cuts cells at 50 characters
+    assert pickle.loads(pickle.dumps(prefs.to_pandas())).equals(prefs.to_pandas())
+
+
+def test_history_lists_saved_replaced_and_undone(tmp_path):
+    path = write_lines(
+        tmp_path / "prefs.jsonl",
+        [
+            rec([0, 1, 2, 3], id="a", time="t1"),
+            rec([3, 2, 1, 0], id="b", prompt="q", time="t2", labeler="bob"),
+            {"kind": "retraction", "id": "r1", "retracts": "a", "labeler": "ann", "time": "t3"},
+            rec([1, 0, 2, 3], id="c", prompt="q", replaces="b", time="t4", labeler="bob", comment="B is best"),
+            rec(None, id="d", prompt="q", flags=["all_bad"], time="t5", labeler="cat"),
+        ],
+    )
+    prefs = load_preferences(path)
+    q = prefs.history("q")
+    assert list(q["action"]) == ["saved", "replaced", "saved"] and list(q["time"]) == ["t2", "t4", "t5"]
+    assert list(q["ranking"]) == ["D > C > B > A", "B > A > C > D", ""] and list(q["labeler"]) == ["bob", "bob", "cat"]
+    assert list(q["comment"]) == ["", "B is best", ""] and list(q["flags"])[-1] == ["all_bad"]
+    p = prefs.history("p")
+    assert list(p["action"]) == ["saved", "undone"] and list(p["ranking"]) == ["A > B > C > D"] * 2
+    assert list(p["id"]) == ["a", "r1"] and len(prefs.history()) == 5
+    assert len((prefs + Preferences.from_records([rec([0, 1, 2, 3], prompt="z")])).history()) == 6
+    with pytest.raises(DataError, match=r"^history: no ranking of prompt 'nope' in these preferences") as err:
+        prefs.history("nope")
+    assert "\n" not in str(err.value)
 
 
 def test_no_rankings_give_empty_tables_with_the_same_columns():
@@ -203,32 +289,6 @@ def test_round_trips_through_dataframe_dataset_and_paths(tmp_path):
         Preferences.from_records([rec("best")])
 
 
-def test_agreement_counts_pairs_both_labelers_ranked():
-    # bob saw the same answers in another order: answers are matched by text, not position
-    shuffled = ["charlie", "alpha", "delta", "bravo"]
-    prefs = Preferences.from_records(
-        [
-            rec([0, 1, 2, 3], labeler="ann"),  # alpha > bravo > charlie > delta
-            rec([1, 3, 0, 2], labeler="bob", responses=shuffled),  # alpha > bravo > charlie > delta
-            rec([0, 1, 2, 3], labeler="cat"),
-            rec([1, 0, 2, 3], labeler="cat"),  # cat's later ranking wins: bravo > alpha > charlie > delta
-            rec([0, 1, 2, 3], labeler="ann", prompt="only ann"),  # ranked once: not compared
-        ]
-    )
-    agr = prefs.agreement()
-    # ann~bob agree on all 6 pairs; ann~cat and bob~cat on 5 of 6 (alpha vs bravo flipped)
-    assert (agr.compared, agr.agreed, agr.prompts) == (18, 16, 1)
-    assert agr.rate == pytest.approx(16 / 18)
-    assert agr.by_labelers == {("ann", "bob"): 1.0, ("ann", "cat"): 5 / 6, ("bob", "cat"): 5 / 6}
-
-
-def test_agreement_ties_and_no_overlap():
-    tie = Preferences.from_records([rec([[0, 1], 2, 3], labeler="a"), rec([[0, 1], 3, 2], labeler="b")])
-    assert tie.agreement().rate == pytest.approx(5 / 6)  # the tie matches; charlie vs delta does not
-    alone = Preferences.from_records([rec([0, 1, 2, 3], labeler="a"), rec([0, 1, 2, 3], labeler="b", prompt="q")])
-    assert alone.agreement().rate is None and "no prompt was ranked by two labelers" in repr(alone.agreement())
-
-
 def test_simulated_labelers_follow_their_rule():
     answers = ["a medium answer", "tiny", "the longest answer of them all, about cats", "cats!"]
     assert labelers.prefers_shorter().rank("q", answers) == [1, 3, 0, 2]
@@ -264,3 +324,68 @@ def test_import_does_not_pull_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------ the panel: labeler and Flag
+QS = ["q1", "q2", "q3"]
+
+
+def open_panel(path, **kw):
+    from rlhf_magic import RankingPanel
+
+    return RankingPanel(prompts=QS, responses=[ANSWERS] * 3, file=path, **kw)
+
+
+def test_the_panel_asks_for_a_name_once_per_file_and_never_writes_anonymous(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    p = open_panel(path)
+    assert p.labeler == "" and "Type your name in the Labeler box first" in p.cards.status.value
+    p.cards.ranks[0].value, p.cards.ranks[1].value, p.cards.ranks[2].value = "2", "1", "3"
+    p.cards.buttons["submit"].click()
+    assert not path.exists() and "who is labelling?" in p.cards.status.value  # one line; the ranking stays
+    assert [tb.value for tb in p.cards.ranks] == ["2", "1", "3", "4"]
+    for blank in ("   ", ""):  # from the box, and from a script
+        p.cards.labeler.value = blank
+        assert "cannot be empty or only spaces" in p.cards.status.value and p.current_prompt == "q1"
+        with pytest.raises(ConfigError, match=r"^labeler = '.*': a labeler name cannot be empty or only spaces"):
+            p.labeler = blank
+    p.cards.labeler.value = "  ann "  # typed after ranking: the ranking in progress stays
+    assert [tb.value for tb in p.cards.ranks] == ["2", "1", "3", "4"]
+    p.cards.buttons["submit"].click()
+    assert [json.loads(x)["labeler"] for x in path.read_text().splitlines()] == ["ann"]
+    again = open_panel(path)  # a new panel (or a kernel restart) on the same file remembers the name
+    assert again.labeler == "ann" and again.current_prompt == "q2" and "last labeler" in again.cards.status.value
+    labelers.prefers_shorter().label(again)  # a simulated labeler names itself ...
+    assert open_panel(path).labeler == "ann"  # ... and is never remembered as the person
+    assert open_panel(tmp_path / "other.jsonl").labeler == ""  # per file
+    assert "anonymous" not in path.read_text()
+    with pytest.raises(ConfigError, match=r"labeler = '  ': a name cannot be only spaces"):
+        open_panel(path, labeler="  ")
+
+
+def test_flag_saves_the_flag_with_no_ranking_and_moves_on(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    p = open_panel(path, labeler="ann")
+    p.cards.ranks[0].value = "1"  # a half-made ranking does not matter
+    record = p.flag(comment="all rude")
+    assert record["ranking"] is None and record["flags"] == ["all_bad"] and record["comment"] == "all rude"
+    assert p.current_prompt == "q2" and "flagged, no ranking" in p.cards.status.value
+    assert p.cards.buttons["submit"].disabled
+    p.cards.flag.value = True  # the checkbox alone lets Submit save the prompt unranked
+    assert not p.cards.buttons["submit"].disabled and "without a ranking" in p.cards.summary.value
+    p.cards.buttons["submit"].click()
+    p.submit([0, 1, 2, 3])
+    saved = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["prompt"], r["ranking"], r["flags"]) for r in saved] == [
+        ("q1", None, ["all_bad"]), ("q2", None, ["all_bad"]), ("q3", [0, 1, 2, 3], [])
+    ]  # fmt: skip
+    prefs = p.preferences
+    assert prefs.flagged == 2 and len(prefs.to_pairs(include_flagged=True)) == 6
+    p.back()  # the flagged prompt shows as it was saved
+    assert p.current_prompt == "q3"
+    p.back()
+    assert p.current_prompt == "q2" and p.cards.flag.value and "flagged, no ranking" in p.cards.status.value
+    assert p.undo()["prompt"] == "q3" and list(p.preferences.history("q3")["action"]) == ["saved", "undone"]
+    p.goto(None)
+    with pytest.raises(DataError, match="every prompt is labelled"):
+        p.flag()

@@ -8,18 +8,23 @@ from __future__ import annotations
 import dataclasses
 import errno
 import html
+import itertools
 import json
 import os
+import random
 import re
 import shutil
+import threading
+import time
 import warnings
 
 import pytest
 
 from rlhf_magic import RankingPanel, labelers, load_preferences
 from rlhf_magic.config import RankConfig
+from rlhf_magic.engine import generation
 from rlhf_magic.errors import ConfigError, DataError
-from rlhf_magic.widgets import ranking_store
+from rlhf_magic.widgets import ranking, ranking_sampler, ranking_store
 
 PROMPTS = ["What is RLHF?", "Name a colour.", "Say hi."]
 
@@ -140,14 +145,15 @@ def test_pairwise_choice_with_tie(path):
     ]
 
 
-def test_answers_for_the_next_open_prompts_come_from_one_batched_call(path):
+def test_the_first_prompt_is_sampled_alone_then_the_next_open_ones_in_one_batched_call(path):
     policy = FakePolicy()
     p = panel(path, policy=policy, k=3, seed=10, temperature=0.9, prefetch=2)
-    assert policy.calls == [(PROMPTS[:2], 3, 10, 0.9)]  # this prompt and the next open one, seeded by the first
+    assert policy.calls == [([PROMPTS[0]], 3, 10, 0.9)]  # the first prompt alone: its answers come soonest
     p.submit([0, 1, 2])
-    assert len(policy.calls) == 1 and p.current_responses == [f"{PROMPTS[1]} / answer {j}" + "." * j for j in range(3)]
+    assert policy.calls[-1] == (PROMPTS[1:], 3, 11, 0.9)  # the next `prefetch`, seeded by the first of them
+    assert p.current_responses == [f"{PROMPTS[1]} / answer {j}" + "." * j for j in range(3)]
     p.submit([0, 1, 2])
-    assert policy.calls[-1] == ([PROMPTS[2]], 3, 12, 0.9) and len(policy.calls) == 2
+    assert len(policy.calls) == 2
     p.back()  # a labelled prompt shows its saved answers: no new sampling
     assert len(policy.calls) == 2 and p.current_responses == lines(path)[1]["responses"]
 
@@ -176,7 +182,7 @@ def test_while_answers_are_sampled_the_next_prompt_shows_without_the_old_cards(p
     policy.panel = p
     p.submit([0, 1, 2])
     shown, n_cards, submit_disabled = seen[-1]
-    assert PROMPTS[1] in shown and PROMPTS[0] not in shown and "Sampling 3 answers" in shown
+    assert PROMPTS[1] in shown and PROMPTS[0] not in shown and "Sampling answers for prompt 2 of 3" in shown
     assert n_cards == 0 and submit_disabled
 
 
@@ -404,6 +410,7 @@ def test_simulated_labeler_fills_a_panel_and_two_agree(path):
 
 
 def test_rank_magic_opens_and_binds_the_panel(ip, path, monkeypatch):
+    ip.user_ns.pop("prefs", None)  # the shell is shared: another test's `prefs` variable would (rightly) refuse NAME
     ip.user_ns["ps"] = PROMPTS
     ip.user_ns["answers"] = [["a", "b", "c"]] * 3
     out = ip.run_line_magic("rank", f'prefs prompts=ps responses=answers file="{path}" labeler="kim"')
@@ -531,3 +538,298 @@ def test_a_folder_removed_after_opening_is_one_line_and_the_ranking_stays(tmp_pa
     folder.mkdir()
     p.cards.buttons["submit"].click()
     assert len(lines(folder / "prefs.jsonl")) == 1 and p.current_prompt == PROMPTS[1]
+
+
+# ---- answers sampled in the background while the person labels (issue 20, item 1) ----------------------------------
+class GatedPolicy(FakePolicy):
+    """Calls after the first `free` ones wait at `gate`; like the engine between two decode steps, they end early
+    (SamplingStopped) once the panel's Stop is pressed."""
+
+    def __init__(self, free=0, **kw):
+        super().__init__(**kw)
+        self.free, self.gate, self.started, self.entered = free, threading.Event(), threading.Event(), []
+
+    def sample(self, prompts, k, **kw):
+        self.entered.append(list(prompts))
+        self.started.set()
+        while len(self.entered) > self.free and not self.gate.wait(0.01):
+            if generation.stop_requested():
+                raise generation.SamplingStopped("stopped")
+        return super().sample(prompts, k, **kw)
+
+
+class SeededPolicy(FakePolicy):
+    """Answers drawn from (seed, the batch's prompts), as a seeded batched call of a real model."""
+
+    def sample(self, prompts, k, seed=None, **kw):
+        self.calls.append((list(prompts), k, seed, kw.get("temperature")))
+        rng = random.Random(f"{seed}|{'|'.join(prompts)}")
+        return [[f"{p} #{rng.randrange(10**9)}" for _ in range(k)] for p in prompts]
+
+
+class GatedSeeded(GatedPolicy, SeededPolicy):
+    pass
+
+
+class WatchedLock:
+    """The panel's lock, noting every thread that comes to take it."""
+
+    def __init__(self, lock):
+        self.lock, self.comers = lock, []
+
+    def __enter__(self):
+        self.comers.append(threading.current_thread())
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def status(p):
+    return html.unescape(re.sub("<[^>]+>", "", p.cards.status.value))
+
+
+def sampler_threads():
+    return [t for t in threading.enumerate() if t.name == ranking_sampler.THREAD_NAME and t.is_alive()]
+
+
+def until(condition, timeout=10.0):
+    """Wait for something another thread does (a timeout is a failure, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def bg_panel():
+    """Panels that sample in the background; at the end every one is closed and no sampler thread is left."""
+    opened = []
+
+    def make(path, **kw):
+        p = panel(path, background=True, **kw)
+        opened.append(p)
+        return p
+
+    yield make
+    for p in opened:
+        getattr(p.policy, "gate", threading.Event()).set()
+        p.close()
+    assert sampler_threads() == []
+
+
+def test_answers_are_sampled_in_the_background_in_a_kernel_unless_headless(monkeypatch):
+    import IPython
+
+    class Shell:
+        kernel = None
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Shell())
+    monkeypatch.delenv("RLHF_MAGIC_HEADLESS", raising=False)
+    assert ranking_sampler.background_default() is False  # a shell with no kernel (a script, IPython in a terminal)
+    Shell.kernel = object()
+    assert ranking_sampler.background_default() is True  # a Jupyter kernel: a front end shows the panel
+    monkeypatch.setenv("RLHF_MAGIC_HEADLESS", "1")
+    assert ranking_sampler.background_default() is False
+
+
+def test_the_panel_shows_at_once_and_prompt_1s_cards_come_when_sampled(path, bg_panel):
+    policy = GatedPolicy()
+    p = bg_panel(path, policy=policy, k=3, prefetch=2)
+    assert policy.started.wait(5)  # the panel exists while its first batch is still being sampled
+    note, view = p.cards.prompt.value, p._view
+    assert "Sampling answers for prompt 1 of 3" in note and PROMPTS[0] in note
+    assert p.cards.responses == [] and p.cards.buttons["submit"].disabled and not path.exists()
+    assert view.root.layout.display != "none" and (view.bar.value, view.bar.max) == (0, 3)
+    assert "0 of 3 prompts ready" in view.text.value and view.stop.layout.display != "none"
+    policy.gate.set()
+    until(lambda: p.cards.responses)  # shown by the sampler's thread, no call from here
+    assert p.current_prompt == PROMPTS[0] and p.cards.responses == [
+        f"{PROMPTS[0]} / answer {j}" + "." * j for j in range(3)
+    ]
+    assert p.wait(timeout=10) and view.root.layout.display == "none"
+    assert policy.entered == [[PROMPTS[0]], PROMPTS[1:]]
+
+
+def test_labelling_goes_on_while_later_batches_are_sampled(path, bg_panel):
+    policy = GatedPolicy(free=1)
+    p = bg_panel(path, policy=policy, k=3, prefetch=2)
+    until(lambda: p.cards.responses and len(policy.entered) == 2)  # prompt 1 shown; prompts 2-3 being sampled
+    record = p.submit([2, 0, 1])  # this thread labels meanwhile
+    assert lines(path) == [record] and p.sampler.running
+    assert p.current_prompt == PROMPTS[1] and p.cards.responses == [] and p.cards.buttons["submit"].disabled
+    assert "Sampling answers for prompt 2 of 3 (in one batch with 1 more prompt)" in p.cards.prompt.value
+    assert "1 of 3 prompts ready" in p._view.text.value and p._view.bar.value == 1
+    p.cards.buttons["submit"].click()  # nothing on screen to rank: nothing written
+    assert len(lines(path)) == 1
+    policy.gate.set()
+    until(lambda: p.cards.responses)
+    assert p.current_prompt == PROMPTS[1]
+    p.submit([0, 1, 2])
+    p.submit([0, 1, 2])
+    assert p.done and len(lines(path)) == 3
+
+
+def test_the_same_seed_gives_the_same_answers_in_the_background_or_not(tmp_path, bg_panel):
+    prompts = [f"Prompt {i}?" for i in range(7)]
+    kw = {"prompts": prompts, "k": 3, "prefetch": 2, "seed": 5}
+    here = panel(tmp_path / "a.jsonl", policy=SeededPolicy(), **kw)
+    background = bg_panel(tmp_path / "b.jsonl", policy=GatedSeeded(free=1), **kw)
+    until(lambda: background.cards.responses and len(background.policy.entered) == 2)
+    for _ in range(5):  # jump to prompt 6 while prompts 2-3 are sampled: its batch (6-7) goes next
+        background.skip()
+    background.policy.gate.set()
+    assert background.wait(timeout=10)
+    assert [c[0] for c in background.policy.calls][2] == prompts[5:7]  # sampled out of order...
+    assert background.responses == here.responses  # ...with the same answers
+    assert [c[2] for c in here.policy.calls] == [5, 6, 8, 10]  # seed + the index of each batch's first prompt
+
+
+def test_a_real_policy_samples_the_same_answers_in_the_background_or_not(tmp_path, bg_panel):
+    from rlhf_magic.api import load_policy
+
+    policy = load_policy("tiny", name="tiny")
+    kw = {"policy": policy, "k": 2, "prefetch": 2, "seed": 3, "max_new_tokens": 6}
+    here = panel(tmp_path / "a.jsonl", **kw).responses
+    background = bg_panel(tmp_path / "b.jsonl", **kw)
+    assert background.wait(timeout=60) and background.responses == here
+
+
+def test_stop_ends_sampling_between_two_decode_steps():
+    from rlhf_magic.api import load_policy
+
+    policy = load_policy("tiny", name="tiny")
+    checks = itertools.count()
+    with generation.stoppable(lambda: next(checks) >= 3), pytest.raises(generation.SamplingStopped):
+        policy.sample(["Say hi."], 2, max_new_tokens=40, seed=0)
+    assert next(checks) == 4  # three decode steps ran, the fourth check stopped it
+    assert generation.MODEL_LOCK.acquire(blocking=False)  # and the models are free again
+    generation.MODEL_LOCK.release()
+    assert len(policy.sample(["Say hi."], 2, max_new_tokens=4, seed=0)[0]) == 2  # outside `stoppable`: no check
+
+
+def test_stop_and_close_end_the_sampler_thread(path, bg_panel):
+    policy = GatedPolicy()
+    p = bg_panel(path, policy=policy, prefetch=2)
+    assert policy.started.wait(5) and len(sampler_threads()) == 1
+    p._view.stop.click()  # the policy sees Stop at its next step
+    assert p.sampler.join(5) and sampler_threads() == [] and policy.calls == []
+    assert "Sampling stopped: 0 of 3 prompts have answers" in p._view.text.value
+    assert p._view.stop.layout.display == "none" and p._view.bar.layout.display == "none"
+    assert "sampling was stopped" in p.cards.prompt.value and p.cards.buttons["submit"].disabled
+    assert p.wait(timeout=1) is False
+    other = bg_panel(path, policy=GatedPolicy(), prefetch=2)
+    assert other.policy.started.wait(5) and len(sampler_threads()) == 1
+    other.close()
+    assert sampler_threads() == [] and other.cards.root.comm is None and other._view.stop.comm is None
+
+
+def test_re_running_the_rank_cell_stops_the_earlier_panels_sampler(ip, path, monkeypatch):
+    monkeypatch.setattr(ranking, "background_default", lambda: True)  # as in a Jupyter kernel
+    policy = GatedPolicy()
+    ip.user_ns.pop("prefs", None)  # the shell is shared: another test's `prefs` variable would (rightly) refuse NAME
+    ip.user_ns.update(ps=PROMPTS, pol=policy)
+    line = f'prefs prompts=ps policy=pol file="{path}" labeler="kim"'
+    first = ip.run_line_magic("rank", line)
+    assert policy.started.wait(5)
+    second = ip.run_line_magic("rank", line)
+    assert ip.user_ns["prefs"] is second and first.sampler.stopped and not first.sampler.running
+    assert sampler_threads() == [second.sampler.thread]
+    second.close()
+    assert sampler_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (RuntimeError("generation failed\n  (more detail)"), "RuntimeError: generation failed"),
+        (ConfigError("max_new_tokens = 900: the model's context is 512 tokens"), "max_new_tokens = 900: the model's"),
+    ],
+)
+def test_a_sampling_error_in_the_background_is_one_line_in_the_panel(path, bg_panel, error, line):
+    class Failing(FakePolicy):
+        def sample(self, prompts, k, **kw):
+            if PROMPTS[1] in prompts:
+                raise error
+            return super().sample(prompts, k, **kw)
+
+    p = bg_panel(path, policy=Failing(), prefetch=2)
+    with pytest.raises(type(error)):
+        p.wait(timeout=10)
+    until(lambda: "Sampling failed" in p.cards.status.value)
+    assert status(p).startswith(f"Sampling failed: {line}") and "\n" not in status(p)
+    assert p.cards.log.outputs == () and line in html.unescape(p._view.text.value)  # no traceback anywhere
+    p.submit([0, 1, 2, 3])  # prompt 1 has its answers: it can still be ranked
+    assert len(lines(path)) == 1 and p.current_prompt == PROMPTS[1]
+    assert f"No answers: sampling failed ({line}" in html.unescape(p.cards.prompt.value)
+
+
+def test_a_cell_that_needs_the_models_waits_for_the_batch_in_progress(ip, path, bg_panel, monkeypatch):
+    policy = GatedPolicy()
+    p = bg_panel(path, policy=policy, prefetch=2)
+    assert policy.started.wait(5)  # the sampler holds the models for its batch
+    said = []
+    monkeypatch.setattr(ranking_sampler, "_say", lambda m: (said.append((m, len(policy.calls))), policy.gate.set()))
+    res = ip.run_cell("%%sft s\nnot_a_setting = 1")
+    assert said == [(said[0][0], 0)] and said[0][0].startswith("Waiting: a ranking panel is sampling answers;")
+    assert len(policy.calls) >= 1  # the cell ran once the batch had ended
+    assert not res.success and "not_a_setting" in str(res.error_in_exec)
+    assert p.wait(timeout=10)  # and sampling went on after it
+
+
+# ---- no record written twice for one Submit (issue 20, "Bad input") -----------------------------------------------
+def test_a_double_click_on_submit_writes_one_record(path):
+    p = panel(path)
+    click_ranks(p, {0: 2, 1: 1, 2: 3})
+    p.cards.buttons["submit"].click()
+    p.cards.buttons["submit"].click()  # the second click of a double click reaches the kernel after the first
+    assert len(lines(path)) == 1 and "Saved B > A > C > D" in status(p)
+    p.cards.ranks[0].value = "1"
+    p.cards.buttons["submit"].click()  # once the person works on the next prompt, an early Submit says why
+    assert "incomplete" in status(p) and len(lines(path)) == 1
+
+
+@pytest.mark.parametrize("how", ["click", "submit"])
+def test_a_submit_while_the_same_prompt_is_being_written_writes_nothing(path, monkeypatch, how):
+    p = panel(path)
+    click_ranks(p, {0: 2, 1: 1, 2: 3})
+    writing, release, real = threading.Event(), threading.Event(), p.store.append
+
+    def slow_append(record):
+        writing.set()
+        release.wait(5)
+        return real(record)
+
+    monkeypatch.setattr(p.store, "append", slow_append)
+    p._lock = watched = WatchedLock(p._lock)
+    act = p.cards.buttons["submit"].click if how == "click" else lambda: p.submit([1, 0, 2, 3])
+    results = []
+    first = threading.Thread(target=lambda: results.append(act()))
+    first.start()
+    assert writing.wait(5)
+    second = threading.Thread(target=lambda: results.append(act()))  # Enter pressed again, or a second call
+    second.start()
+    until(lambda: second in watched.comers)  # it waits for the panel while the first writes
+    release.set()
+    first.join(5)
+    second.join(5)
+    (record,) = lines(path)
+    assert record["ranking"] == [1, 0, 2, 3] and p.current_prompt == PROMPTS[1] and p.cards.groups() is None
+    if how == "submit":
+        assert results == [record, record]  # the second returns the saved record
+    assert "Saved B > A > C > D" in status(p)
+
+
+def test_replace_with_nothing_changed_writes_nothing(path):
+    p = panel(path)
+    p.submit([2, 0, 1, 3], comment="ok")
+    p.back()
+    assert p.cards.buttons["submit"].description == "Replace"
+    p.cards.buttons["submit"].click()
+    assert len(lines(path)) == 1 and p.current_prompt == PROMPTS[1]
+    assert "Prompt 1 is already saved as C > A > B > D; nothing changed, so nothing was written" in status(p)
+    p.back()
+    assert p.submit([2, 0, 1, 3]) == lines(path)[0] and len(lines(path)) == 1  # a script's second submit too
+    p.back()
+    p.submit([2, 0, 1, 3], comment="changed")  # a change is saved, replacing the first
+    assert len(lines(path)) == 2 and lines(path)[1]["replaces"] == lines(path)[0]["id"]

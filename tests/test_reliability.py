@@ -220,7 +220,7 @@ def test_a_failed_submit_says_one_line_and_keeps_the_ranking_for_a_retry(shell, 
     from rlhf_magic.widgets import ranking_store
 
     (tmp_path / "sub").mkdir()
-    assert shell.run_cell(rank(folder="sub")).success
+    assert shell.run_cell(rank(folder="sub", more='labeler="kim"')).success
     panel, file = shell.user_ns["r"], tmp_path / "sub" / "prefs.jsonl"
     panel.submit([0, 1, 2])
     before = file.read_bytes()

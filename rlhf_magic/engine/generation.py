@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,55 @@ class Samples:
     responses: torch.Tensor  # [B, Tr]
     hidden: torch.Tensor | None = None  # [B, Tr, H] final hidden states that predicted each response token
     logprobs: torch.Tensor | None = None  # [B, Tr] log-probs of the sampled tokens at the sampling temperature
+
+
+# One thread uses the models at a time: sample() holds it (seeding the global RNG, eval() and generate() are
+# process-wide), a ranking panel's background sampler holds it for each batch and a stage run from a magic for the
+# whole stage, so each waits for the other's batch or stage instead of running under it.
+MODEL_LOCK = threading.RLock()
+_SHOULD_STOP: ContextVar[Callable[[], bool] | None] = ContextVar("rlhf_magic_should_stop", default=None)
+
+
+class SamplingStopped(Exception):
+    """sample() ended between two decode steps because the caller's stop check said so (see `stoppable`)."""
+
+
+@contextmanager
+def stoppable(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Inside, in this thread, sample() calls `should_stop()` before each decode step (the LM head's forward, on
+    both decoders) and raises SamplingStopped once it is true."""
+    token = _SHOULD_STOP.set(should_stop)
+    try:
+        yield
+    finally:
+        _SHOULD_STOP.reset(token)
+
+
+def stop_requested() -> bool:
+    """Whether this thread's stop check (see `stoppable`) asks to stop now: a policy of your own that a ranking
+    panel samples from may call it between its steps and end early."""
+    should_stop = _SHOULD_STOP.get()
+    return should_stop is not None and bool(should_stop())
+
+
+@contextmanager
+def _stop_check(model: Any) -> Iterator[None]:
+    should_stop = _SHOULD_STOP.get()
+    head = getattr(model, "get_output_embeddings", lambda: None)() if should_stop is not None else None
+    if head is None:
+        yield
+        return
+    me = threading.get_ident()
+
+    def check(*_: Any) -> None:
+        if threading.get_ident() == me and should_stop():
+            raise SamplingStopped("sampling stopped")
+
+    handle = head.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +127,16 @@ def check_new_tokens(lm: LoadedModel, rows: list[list[int]], max_new_tokens: Any
         )
 
 
+def _one_thread(fn: Callable[..., Samples]) -> Callable[..., Samples]:
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Samples:
+        with MODEL_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_one_thread
 @torch.no_grad()
 def sample(
     lm: LoadedModel,
@@ -121,8 +183,8 @@ def sample(
     try:
         # no autocast on a CPU: activations, adapters and the LM head stay fp32 (so do the captured logprobs)
         ctx = autocast() if autocast and device.type != "cpu" else nullcontext()
-        with ctx, steps or nullcontext(), finite_logits(lm.model, temperature):  # NaN: NonFiniteError, no draw
-            responses = decoder(ids, mask)
+        with ctx, steps or nullcontext(), finite_logits(lm.model, temperature), _stop_check(lm.model):
+            responses = decoder(ids, mask)  # NaN logits: NonFiniteError, no draw
     finally:
         lm.model.train(was_training)
     result = Samples(ids, mask, responses)

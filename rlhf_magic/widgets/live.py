@@ -21,6 +21,12 @@ Panels = Sequence[tuple[str, Sequence[str]]]
 DEFAULT_PANELS: dict[str, Panels] = {
     "sft": [("loss", ["train/loss", "eval/loss"])],
     "reward": [("loss", ["train/loss"]), ("pairwise accuracy", ["train/accuracy", "eval/accuracy"])],
+    "dpo": [
+        ("loss", ["train/loss", "eval/loss"]),
+        ("implicit-reward accuracy", ["train/rewards/accuracies", "eval/rewards/accuracies"]),
+        ("implicit-reward margin", ["train/rewards/margins", "eval/rewards/margins"]),
+        ("held-out implicit rewards", ["eval/rewards/chosen", "eval/rewards/rejected"]),
+    ],
     "ppo": [
         ("score and reward", ["ppo/objective/scores", "ppo/objective/rlhf_reward"]),
         ("KL to the SFT policy (per answer)", ["ppo/objective/kl", "ppo/objective/kl_k3"]),
@@ -28,6 +34,14 @@ DEFAULT_PANELS: dict[str, Panels] = {
         ("policy updates", ["ppo/policy/clipfrac", "ppo/policy/approxkl"]),
         ("value function", ["ppo/val/loss", "ppo/val/explained_var"]),
         ("answers", ["ppo/response/length", "ppo/response/eos_rate"]),
+    ],
+    "grpo": [
+        ("reward", ["grpo/reward", "grpo/reward_std"]),
+        ("KL to the SFT policy (per token)", ["grpo/kl"]),
+        ("entropy (per token)", ["grpo/entropy"]),
+        ("groups with equal rewards (advantage 0)", ["grpo/frac_reward_zero_std"]),
+        ("policy updates", ["grpo/loss", "grpo/clip_ratio/region_mean"]),
+        ("answers", ["grpo/completions/mean_length", "grpo/completions/clipped_ratio"]),
     ],
 }
 

@@ -83,12 +83,13 @@ class PreferenceStore:
         self.path = check_path(file)
         self._stamp: tuple[int, int] | None = None
         self._active: list[dict] = []
+        self._log: list[dict] = []  # every record in file order (replaced and retracted ones too)
         self.refresh(warn=True)  # foreign or broken records: DataError now, before anything is written
 
     def refresh(self, warn: bool = False) -> list[dict]:
         """Active ranking records (re-read only when the file changed, e.g. another panel appended)."""
         if not self.path.exists():
-            self._stamp, self._active = None, []
+            self._stamp, self._active, self._log = None, [], []
             return self._active
         try:
             st = self.path.stat()
@@ -97,14 +98,25 @@ class PreferenceStore:
                 with warnings.catch_warnings():
                     if not warn:
                         warnings.simplefilter("ignore")  # the torn-line warning was shown when the panel opened
-                    self._active = apply_log(read_jsonl(self.path))
-                self._stamp = stamp
+                    log: list[dict] = []
+                    self._active = apply_log(read_jsonl(self.path), log)
+                self._stamp, self._log = stamp, log
         except OSError as e:
             raise DataError(f"could not read {self.path}: {reason(e, self.path)}") from e
         return self._active
 
     def preferences(self) -> Preferences:
-        return Preferences(self.refresh(), str(self.path))
+        return Preferences(self.refresh(), str(self.path), self._log)
+
+    def last_labeler(self) -> str:
+        """The name on the newest record a person wrote in this file ('' if none): the panel's labeler, remembered
+        per file. Simulated labelers ('sim:...') and the old default 'anonymous' are never taken for a person."""
+        self.refresh()
+        for rec in reversed(self._log):
+            name = rec.get("labeler")
+            if isinstance(name, str) and name.strip() and not name.startswith("sim:") and name != "anonymous":
+                return name.strip()
+        return ""
 
     def find(self, labeler: str, prompt: str) -> dict | None:
         """This labeler's active record for a prompt (the newest one)."""

@@ -13,7 +13,9 @@ expect = pytest.importorskip("playwright.sync_api", reason="playwright is not in
 
 
 def rank_button(panel, card: int, rank: str):
-    return panel.locator(f".rlhf-rank-{card}").get_by_role("button", name=rank, exact=True)
+    """A rank button of the keyboard and drag view, which replaces the click cards where anywidget runs."""
+    name = f"Rank answer {'ABCD'[card]} as {rank}"
+    return panel.locator(".rlhf-rv-list").get_by_role("button", name=name, exact=True)
 
 
 def records(path) -> list[dict]:
@@ -67,7 +69,7 @@ def test_rank_by_clicks_and_submit(page, jupyter_server, ui):
     pair = page.locator(".rlhf-ranking-panel").nth(1)
     pair.scroll_into_view_if_needed()
     expect(pair.locator(".rlhf-submit")).to_be_disabled()
-    pair.locator(".rlhf-choice").get_by_role("button", name="B is better", exact=True).click()
+    pair.locator(".rlhf-rv-choice").get_by_role("button", name="B is better", exact=True).click()
     pair.screenshot(path=str(SCREENSHOTS / f"ranking-pairwise-{ui}.png"))
     pair.locator(".rlhf-submit").click()
     expect(pair.locator(".rlhf-status")).to_contain_text("Saved B > A", timeout=30_000)
