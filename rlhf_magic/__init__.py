@@ -1,8 +1,8 @@
 """rlhf-magic: the InstructGPT pipeline (SFT, rankings, reward model, PPO) as Jupyter cell magics.
 
-`%load_ext rlhf_magic` registers `%%sft`, `%%reward`, `%%ppo`, `%rank`, `%compare` and `%rlhf`. Every magic is a
-thin layer over a function of this package (`rlhf_magic.sft(...)` and so on), imported lazily so that loading the
-extension does not import torch.
+`%load_ext rlhf_magic` registers `%%sft`, `%%reward`, `%%dpo`, `%%ppo`, `%%grpo`, `%rank`, `%compare` and
+`%rlhf`. Every magic is a thin layer over a function of this package (`rlhf_magic.sft(...)` and so on), imported
+lazily so that loading the extension does not import torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from ._version import __version__
 _LAZY = {
     "sft": "api",
     "reward": "api",
+    "dpo": "api",
     "ppo": "api",
+    "grpo": "api",
     "load_policy": "api",
     "load_reward": "api",
     "compare": "api",
@@ -24,7 +26,9 @@ _LAZY = {
     "Session": "session",
     "SFTConfig": "config",
     "RewardConfig": "config",
+    "DPOConfig": "config",
     "PPOConfig": "config",
+    "GRPOConfig": "config",
     "LoraConfig": "config",
     "RLHFError": "errors",
     "RankingPanel": "widgets.ranking",

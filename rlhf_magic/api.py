@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .comparison import Comparison, WinRate, compare
-from .config import PPOConfig, RewardConfig, SFTConfig
+from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
 from .errors import ConfigError
 from .events import Callback, StopControl
 from .validation import with_options
 
-__all__ = ["Comparison", "WinRate", "compare", "load_policy", "load_reward", "ppo", "reward", "sft"]
+__all__ = ["Comparison", "WinRate", "compare", "dpo", "grpo", "load_policy", "load_reward", "ppo", "reward", "sft"]
 
 
 def _config(cls: type, config: Any, settings: dict[str, Any]) -> Any:
@@ -143,6 +143,86 @@ def load_reward(path: str, name: str | None = None, *, session: Any = None, devi
     return handle
 
 
+def dpo(
+    name: str = "dpo",
+    *,
+    config: DPOConfig | None = None,
+    session: Any = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    stop: StopControl | None = None,
+    **settings: Any,
+) -> Any:
+    """DPO: the policy learns K-way rankings directly (no reward model, no sampling), held to its starting weights
+    by beta. Returns a policy handle.
+
+    `policy` defaults to the session's latest SFT result; `data` takes what `reward` takes. As in a config file,
+    strings name what is on disk: `policy = "runs/sft"` (a saved policy, or a model name at `revision`), and
+    `reference` likewise (unset: the policy as it starts, on the same weights).
+    """
+    from .engine.dpo import train_dpo
+    from .engine.runtime import resolve_runtime
+
+    cfg = _dpo_config(_config(DPOConfig, config, settings), session)
+    runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
+    cfg = _dpo_resolved(cfg, runtime)
+    stop = stop or StopControl()
+    handle = train_dpo(cfg, name, runtime, _views("dpo", name, progress, callbacks, stop), stop)
+    if session is not None:
+        session.add(handle)
+    return handle
+
+
+def _dpo_config(cfg: DPOConfig, session: Any) -> DPOConfig:
+    """The policy (default: the latest SFT result) and the data are there, and each is of a kind DPO takes."""
+    import dataclasses
+
+    from .engine.handles import PolicyHandle
+
+    if cfg.policy is None:
+        latest = session.latest("policy", "sft") if session is not None else None
+        if latest is None:
+            raise ConfigError(
+                "policy is not set and this session has no SFT result yet; run %%sft first or set "
+                "policy = <a policy handle>"
+            )
+        cfg = dataclasses.replace(cfg, policy=latest)
+    for key in ("policy", "reference"):
+        value = getattr(cfg, key)
+        if value is not None and not isinstance(value, (PolicyHandle, str)):
+            raise ConfigError(
+                f"{key} = {value!r} is not valid; expected a policy handle (from %%sft, or "
+                f"rlhf_magic.load_policy(...)) or the folder of a saved policy"
+            )
+    if cfg.revision is not None and not isinstance(cfg.policy, str):
+        raise ConfigError(
+            f"revision = {cfg.revision!r} applies to a hub model id, not to the policy {cfg.policy.name!r}"
+        )
+    if cfg.data is None:
+        raise ConfigError("data is required: Preferences from the ranking panel, ranking records or pairs, or a path")
+    return cfg
+
+
+def _dpo_resolved(cfg: DPOConfig, runtime: Any) -> DPOConfig:
+    """Strings that name a saved policy (or a model) -> policy handles; both paths are checked before anything
+    loads."""
+    import dataclasses
+
+    from . import references
+    from .engine.handles import PolicyHandle
+
+    for key in ("policy", "reference"):
+        value = getattr(cfg, key)
+        if isinstance(value, str):
+            references.missing_folder(key, value, references.SAVED.format(path=value, stage="SFT"))
+    policy = cfg.policy
+    if isinstance(policy, str) and cfg.revision is not None:
+        lm = runtime.load(policy, revision=cfg.revision)
+        policy = PolicyHandle(policy, "base", lm, runtime=runtime, parents=(policy,))
+    policy = references.policy(policy, runtime)
+    return dataclasses.replace(cfg, policy=policy, reference=references.policy(cfg.reference, runtime))
+
+
 def ppo(
     name: str = "ppo",
     *,
@@ -224,3 +304,38 @@ def _previous_ppo(name: str, cfg: PPOConfig, session: Any) -> Any:
     if not isinstance(prev, PPOHandle):
         raise ConfigError(f"resume = True but this session has no PPO result named {name!r} to continue")
     return prev
+
+
+def grpo(
+    name: str = "grpo",
+    *,
+    config: GRPOConfig | None = None,
+    session: Any = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    stop: StopControl | None = None,
+    **settings: Any,
+) -> Any:
+    """GRPO (or RLOO, `algorithm="rloo"`) against a reward handle or a callable: num_generations answers per
+    prompt, each judged against its group; no value model, the k3 KL to the SFT policy inside the loss.
+
+    `policy`, `reward`, `prompts` and `resume` as in `ppo` (strings name what is on disk)."""
+    import dataclasses
+
+    from . import references
+    from .engine.grpo import GRPOHandle, check_chunks, train_grpo
+    from .engine.runtime import resolve_runtime
+
+    cfg = _ppo_config(_config(GRPOConfig, config, settings), session)
+    previous = session[name] if cfg.resume and session is not None and name in session else None
+    if cfg.resume and not isinstance(previous, GRPOHandle):
+        raise ConfigError(f"resume = True but this session has no GRPO result named {name!r} to continue")
+    check_chunks(cfg)
+    runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
+    policy, reward = references.resolve_ppo(cfg.policy, cfg.reward, runtime)
+    cfg = dataclasses.replace(cfg, policy=policy, reward=reward)
+    stop = stop or StopControl()
+    handle = train_grpo(cfg, name, runtime, _views("grpo", name, progress, callbacks, stop), stop, previous)
+    if session is not None:
+        session.add(handle)
+    return handle

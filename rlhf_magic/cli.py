@@ -2,15 +2,17 @@
 
 CONFIG is a TOML file (`epochs = 2`, `[lora]` table or `lora.r = 8`) or a file with the same `key = value`
 lines as a cell body. Names of notebook variables are not available here, so strings name what is on disk:
-`data` and `prompts` are files, `model` / `policy` the folder of a saved policy (an SFT run's output_dir),
-`reward` the folder of a saved reward model or 'module:function' (an importable f(prompts, responses)).
+`data` and `prompts` are files, `model` / `policy` / `reference` the folder of a saved policy (an SFT run's
+output_dir), `reward` the folder of a saved reward model or 'module:function' (an importable f(prompts, responses)).
 
     rlhf-magic sft sft.toml --name my_sft --set max_steps=20
+    rlhf-magic dpo dpo.toml --set beta=0.2 'loss="plackett_luce"'
     rlhf-magic ppo ppo.toml --set 'reward="rules:score"'
+    rlhf-magic grpo grpo.toml --set num_generations=8 'algorithm="rloo"'
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m rlhf_magic.cli sft sft.toml
 
-Under `accelerate launch` every process trains on its own share of the data (PPO: its own prompts and sampling
-seed), metrics are averaged over processes, and only the main process saves, prints and writes the summary.
+Under `accelerate launch` every process trains on its own share of the data (PPO, GRPO: its own prompts and
+sampling seed), metrics are averaged over processes, and only the main process saves, prints and writes the summary.
 """
 
 from __future__ import annotations

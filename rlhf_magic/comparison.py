@@ -255,7 +255,7 @@ def compare(
 def check_policy(policy: Any, side: str) -> None:
     if not callable(getattr(policy, "generate", None)):
         raise ConfigError(
-            f"policy {side} = {_short(policy)} is not a policy (no .generate); pass an %%sft/%%ppo result"
+            f"policy {side} = {_short(policy)} is not a policy (no .generate); pass an %%sft/%%dpo/%%ppo/%%grpo result"
         )
 
 

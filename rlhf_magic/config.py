@@ -117,6 +117,7 @@ class RewardConfig:
     max_length: int = setting(512, "longest tokenized prompt+answer", check=LENGTH)
     eval_fraction: float = setting(0.2, "share of prompts held out for accuracy", check=FRACTION)
     margin: float = setting(0.0, "required score gap between better and worse answers in the loss", check=FINITE)
+    include_flagged: bool = setting(False, "also learn from prompts flagged 'all answers are bad or unsafe'")
     normalize: bool | Literal["gain"] = setting(
         True, "after training shift scores to mean 0 on SFT samples ('gain': also scale to std 1)"
     )
@@ -125,6 +126,42 @@ class RewardConfig:
     revision: str | None = setting(None, "hub model only: a branch, tag or commit of `model` (default: main)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
     output_dir: str | None = setting(None, "also save the reward model to this folder")
+    device: Device | None = setting(None, "override the device")
+    precision: Precision | None = setting(None, "override precision")
+    fast_path: bool = setting(
+        True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
+    )
+    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO: the policy learns K-way rankings directly, held to its starting weights (no reward model, no sampling)."""
+
+    policy: Any = setting(None, "policy handle or saved policy folder to improve (default: the latest SFT result)")
+    data: Any = setting(None, "Preferences, ranking records, prompt/chosen/rejected pairs, Dataset, DataFrame, path")
+    reference: Any = setting(None, "frozen reference: None (the policy as it starts) or a policy, same tokenizer")
+    beta: float = setting(0.1, "KL leash: implicit reward = beta * log(pi / pi_ref) of an answer", check=POSITIVE)
+    loss: Literal["sigmoid", "ipo", "plackett_luce"] = setting(
+        "sigmoid", "'sigmoid' or 'ipo' on every pair of a ranking, 'plackett_luce' on whole rankings"
+    )
+    include_flagged: bool = setting(False, "also learn from prompts flagged 'all answers are bad or unsafe'")
+    epochs: float = setting(1, "passes over the ranked prompts", check=POSITIVE)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps", check=POSITIVE_INT_OR_NONE)
+    lr: float | None = setting(
+        None, "learning rate (default: 1e-4 with LoRA, 5e-6 for full fine-tuning)", check=POSITIVE_OR_NONE
+    )
+    batch_size: int = setting(4, "ranked prompts per optimizer step (each brings all K answers)", check=POSITIVE_INT)
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", check=POSITIVE_INT)
+    max_length: int = setting(512, "longest prompt+answer; prompts lose their start, answers their end", check=LENGTH)
+    eval_fraction: float = setting(0.2, "share of prompts held out for the implicit-reward accuracy", check=FRACTION)
+    seed: int = setting(0, "seed for data order, the eval split and adapter init")
+    lora: LoraConfig | None = setting(
+        LoraConfig(), "LoRA adapter stacked on the policy's own; False trains a full copy (a second model)"
+    )
+    revision: str | None = setting(None, "hub model only: a branch, tag or commit of `policy` (default: main)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
+    output_dir: str | None = setting(None, "also save the final policy to this folder")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
     fast_path: bool = setting(
@@ -192,7 +229,60 @@ class PPOConfig:
     stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO (or RLOO): G answers per prompt, each judged against its group; no value model, k3 KL in the loss."""
+
+    policy: Any = setting(None, "policy handle to improve (default: the latest SFT result)")
+    reward: Any = setting(None, "reward handle, or any callable f(prompts, responses) -> list[float]")
+    prompts: Any = setting(None, "list of prompts, a Dataset, or a .jsonl/.json/.csv/.txt path")
+    num_generations: int = setting(
+        4, "G: answers sampled per prompt", check=Check(lambda v: v >= 2, "use an integer >= 2 (a group)", ">= 2")
+    )
+    steps: int = setting(50, "GRPO iterations (one rollout and its updates each)", check=POSITIVE_INT)
+    batch_size: int = setting(4, "prompts per step (batch_size * num_generations answers)", check=POSITIVE_INT)
+    micro_batch_size: int | None = setting(
+        None, "answers per forward/backward chunk (same update, less memory)", check=POSITIVE_INT_OR_NONE
+    )
+    algorithm: Literal["grpo", "rloo"] = setting("grpo", "'grpo' (group mean) or 'rloo' (leave-one-out mean)")
+    scale_rewards: bool = setting(True, "grpo: divide advantages by the group's std (False: Dr. GRPO)")
+    loss_type: Literal["token", "sequence"] = setting(
+        "token", "'token': mean over all tokens (TRL's dapo); 'sequence': mean of answer means (TRL's grpo)"
+    )
+    num_iterations: int = setting(1, "updates per rollout (1: the ratio is 1, no clipping)", check=POSITIVE_INT)
+    cliprange: float = setting(0.2, "policy ratio clip (TRL's epsilon)", check=POSITIVE)
+    beta: float = setting(0.04, "weight of the k3 KL to the reference in the loss", check=NON_NEGATIVE)
+    lr: float | None = setting(
+        None, "learning rate (default: 1e-4 with LoRA, 3e-6 for full fine-tuning)", check=POSITIVE_OR_NONE
+    )
+    max_new_tokens: int = setting(48, "longest sampled answer", check=POSITIVE_INT)
+    temperature: float = setting(
+        1.0, "sampling temperature", check=Check(POSITIVE.ok, "GRPO samples, so use a number > 0 (e.g. 1.0)", "> 0")
+    )
+    missing_eos_penalty: float | None = setting(
+        None, "subtract this from the score of answers with no EOS", check=FINITE_OR_NONE
+    )
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", check=POSITIVE)
+    seed: int = setting(0, "seed for sampling and prompt order")
+    lora: LoraConfig | None = setting(LoraConfig(), "LoRA settings for the policy; False trains the whole model")
+    resume: bool = setting(False, "continue training the handle of the same name")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
+    output_dir: str | None = setting(None, "also save the final policy to this folder")
+    device: Device | None = setting(None, "override the device")
+    precision: Precision | None = setting(None, "override precision")
+    fast_path: bool = setting(
+        True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
+    )
+    stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+
+
+STAGES: dict[str, type] = {
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+}
 
 # Settings that depend on each other, checked after the ranges: (the setting the error names, the test, what is
 # accepted, with `{c}` the config).
@@ -232,7 +322,11 @@ class RankConfig:
     )
     file: Any = setting("preferences.jsonl", "the .jsonl file every Submit appends one record to")
     ties: bool = setting(False, "allow tied ranks (two answers always offer Tie)")
-    labeler: str = setting("", "your name, saved with every ranking (empty: 'anonymous')")
+    labeler: str = setting(
+        "",
+        "your name, saved with every ranking (empty: asked once per file, then remembered)",
+        check=Check(lambda v: not v or v.strip(), "a name cannot be only spaces; give yours, or leave it empty"),
+    )
     temperature: float = setting(
         0.7,
         "sampling temperature (0 is greedy)",
@@ -243,7 +337,7 @@ class RankConfig:
         "nucleus sampling: keep the likeliest tokens up to this total probability",
         check=OPEN_UNIT,
     )
-    seed: int | None = setting(None, "sampling seed (prompt i uses seed + i: the same answers on a rerun)")
+    seed: int | None = setting(None, "sampling seed (the same seed gives the same answers on a rerun)")
     max_new_tokens: int = setting(64, "longest sampled answer, in tokens", check=POSITIVE_INT)
     prefetch: int = setting(
         8,

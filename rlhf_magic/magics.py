@@ -39,6 +39,14 @@ def user_errors() -> Iterator[None]:
         raise usage from None
 
 
+def models_free() -> contextlib.AbstractContextManager[None]:
+    """Around a cell that trains or samples: a ranking panel sampling in the background finishes its batch first
+    (one line says so), then waits for this cell."""
+    from .widgets.ranking_sampler import model_turn
+
+    return model_turn()
+
+
 def keep_traceback(result: Any) -> None:
     """post_run_cell: IPython's `%tb` shows sys.last_value, which a failed magic leaves as the one-line UsageError;
     where that stands for another exception, point it there, so `%tb` shows the whole chain down to the frame of
@@ -64,7 +72,7 @@ def guess_device() -> str:
 
 @magics_class
 class RLHFMagics(Magics):
-    """%%sft, %%reward, %%ppo, %rank, %compare and %rlhf over one session."""
+    """%%sft, %%reward, %%dpo, %%ppo, %%grpo, %rank, %compare and %rlhf over one session."""
 
     def __init__(self, shell: Any):
         super().__init__(shell)
@@ -92,7 +100,7 @@ class RLHFMagics(Magics):
     def sft(self, line: str, cell: str) -> Any:
         from . import api
 
-        with user_errors():
+        with user_errors(), models_free():
             name, cfg, note = self._stage("sft", line, cell)
             handle = api.sft(name, config=cfg, session=self.session)
         return self._publish(handle, note)
@@ -102,9 +110,19 @@ class RLHFMagics(Magics):
     def reward(self, line: str, cell: str) -> Any:
         from . import api
 
-        with user_errors():
+        with user_errors(), models_free():
             name, cfg, note = self._stage("reward", line, cell)
             handle = api.reward(name, config=cfg, session=self.session)
+        return self._publish(handle, note)
+
+    @no_var_expand
+    @cell_magic
+    def dpo(self, line: str, cell: str) -> Any:
+        from . import api
+
+        with user_errors(), models_free():
+            name, cfg, note = self._stage("dpo", line, cell)
+            handle = api.dpo(name, config=cfg, session=self.session)
         return self._publish(handle, note)
 
     @no_var_expand
@@ -112,9 +130,19 @@ class RLHFMagics(Magics):
     def ppo(self, line: str, cell: str) -> Any:
         from . import api
 
-        with user_errors():
+        with user_errors(), models_free():
             name, cfg, note = self._stage("ppo", line, cell)
             handle = api.ppo(name, config=cfg, session=self.session)
+        return self._publish(handle, note)
+
+    @no_var_expand
+    @cell_magic
+    def grpo(self, line: str, cell: str) -> Any:
+        from . import api
+
+        with user_errors(), models_free():
+            name, cfg, note = self._stage("grpo", line, cell)
+            handle = api.grpo(name, config=cfg, session=self.session)
         return self._publish(handle, note)
 
     @no_var_expand
@@ -126,6 +154,9 @@ class RLHFMagics(Magics):
             name, options = self._line("rank", line)
             note = self.session.check_name(name, self._ns(), "ranking panel", "%rank")
             panel = RankingPanel(**options, session=self.session)
+        old = self._ns().get(name)
+        if isinstance(old, RankingPanel) and old is not panel:
+            old.close()  # the cell ran again: the earlier panel's sampling thread ends
         self._ns()[name] = panel
         if note:
             print(note)
@@ -136,7 +167,7 @@ class RLHFMagics(Magics):
     def compare(self, line: str) -> Any:
         from .widgets.compare import ComparePanel
 
-        with user_errors():
+        with user_errors(), models_free():
             pos, options = parse_line_args(line, self._ns(), "compare")
             if len(pos) != 2:
                 raise ConfigError("%compare needs two policies: %compare A B prompts=... [reward=...]")
@@ -189,7 +220,8 @@ def load(ipython: Any) -> None:
     ipython.user_ns[SESSION_VAR] = magics.session
     ipython._rlhf_magics = magics
     ipython.events.register("post_run_cell", keep_traceback)
-    print(f"rlhf-magic {__version__} · device: {guess_device()} · %%sft, %%reward, %%ppo, %rank, %compare, %rlhf")
+    stages = "%%sft, %%reward, %%dpo, %%ppo, %%grpo"
+    print(f"rlhf-magic {__version__} · device: {guess_device()} · {stages}, %rank, %compare, %rlhf")
 
 
 def unload(ipython: Any) -> None:

@@ -200,6 +200,34 @@ def test_every_data_form_gives_the_same_rankings(tmp_path):
     assert len(pairs) == 5 * 6 + 1 and all(r.groups == [[0], [1]] for r in pairs)
 
 
+def test_flagged_prompts_are_left_out_of_training_and_the_run_says_how_many(recwarn):
+    ranked = q_rankings(3)
+    flagged = [{**ranked[2], "flags": ["all_bad"]}, {**ranked[0], "prompt": "unranked", "ranking": None,
+                                                     "flags": ["all_bad"]}]  # fmt: skip
+    data = [*ranked[:2], *flagged]
+    for include, trained, notes in [(False, 2, ["left out 2 flagged prompt(s)"]), (True, 3, [])]:
+        events = []
+        train(data=data, max_steps=1, eval_fraction=0, normalize=False, include_flagged=include,
+              callbacks=[events.append])  # fmt: skip
+        start = next(e for e in events if e.kind == "start")
+        assert start.payload["train"] == trained  # the flagged prompt without a ranking never trains
+        said = [e.payload for e in events if e.kind == "warning"]
+        assert [w.split(" (")[0] for w in said] == notes and all("include_flagged = True" in w for w in said)
+    assert not [w for w in recwarn if "flagged" in str(w.message)]  # training never goes through to_pairs
+
+
+def test_the_text_view_prints_the_flag_note_as_one_warning_line():
+    from rlhf_magic.events import Emitter
+    from rlhf_magic.widgets.live import TextView
+
+    prefs = Preferences.from_records([GOOD, {**GOOD, "prompt": "p1", "flags": ["all_bad"]}])
+    view = TextView("%%reward rm", [("loss", ["train/loss"])])
+    said = r"^%%reward rm: left out 1 flagged prompt\(s\) \(all answers bad or unsafe\); include_flagged = True"
+    with pytest.warns(UserWarning, match=said) as got:
+        assert len(R.drop_flagged(prefs, False, Emitter("reward", [view]))) == 1
+    assert len(got) == 1 and "\n" not in str(got[0].message)
+
+
 # ------------------------------------------------------------------------------------ the magic and bad input
 def test_reward_magic_trains_on_the_ranking_panels_preferences(ip, tmp_path, pairs):
     ip.user_ns.update(demos=pairs, prompts=[f"What is {i} plus {i}?" for i in range(6)])
@@ -242,14 +270,16 @@ GOOD = {"prompt": "p0", "responses": ["a", "b"], "ranking": [1, 0]}
          "model 'tiny'"),
         ([{**GOOD, "ranking": [[0, 1]]}],
          "the preferences have no comparison to learn from: every ranking ties all its answers"),
+        ([{**GOOD, "flags": ["all_bad"]}, {**GOOD, "prompt": "p1", "ranking": None, "flags": ["all_bad"]}],
+         "all 2 ranked prompts are flagged (all answers bad or unsafe): nothing to learn; include_flagged = True"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_usage_error_line_naming_the_record(ip, capsys, data, message):
     session = ip.user_ns["rlhf"]
     session.add(_other_tokenizer_policy(session.runtime))
-    ip.user_ns["prefs"] = data
+    ip.user_ns["bad_data"] = data  # not `prefs`: the shell is shared, and %rank prefs in a later test must not meet it
     capsys.readouterr()
-    res = ip.run_cell("%%reward broken\nmodel = 'tiny'\ndata = prefs\nmax_steps = 1\n")
+    res = ip.run_cell("%%reward broken\nmodel = 'tiny'\ndata = bad_data\nmax_steps = 1\n")
     err = capsys.readouterr().err
     assert not res.success
     assert f"UsageError: {message}" in err

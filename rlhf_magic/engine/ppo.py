@@ -325,10 +325,28 @@ def _prompt_order(n: int, seed: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------- setup
 def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
     """Roles on one base: a PPO adapter on top of the SFT policy; the SFT policy itself is the reference."""
+    roles, policy, trained = new_roles(cfg, name, runtime, "ppo")
+    value_head = R.value_head_for(cfg.reward, roles.lm, runtime)
+    from .kl_control import AdaptiveKLController, FixedKLController
+
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.target_kl
+        else FixedKLController(cfg.kl_coef)
+    )
+    state = PPOState(roles, value_head, trained + list(value_head.parameters()), kl_ctl)
+    parents = (cfg.policy.name, reward_name(cfg.reward))
+    return PPOHandle(name, roles.lm, state=state, runtime=runtime, adapter=policy, config=cfg, parents=parents)
+
+
+def new_roles(cfg: Any, name: str, runtime: Runtime, stage: str) -> tuple[R.Roles, Any, list[nn.Parameter]]:
+    """(roles, the policy's adapters, what trains) of a new policy-gradient run (PPO, GRPO) on cfg.policy: a new
+    `NAME-stage` adapter stacked on the SFT adapter (or a private fp32 copy of the merged SFT model, with lora off);
+    the SFT policy itself is the reference; a reward model on the same base is one more adapter."""
     pol: PolicyHandle = cfg.policy
     if cfg.lora:
         lm, ref_lm = pol.lm, pol.lm
-        new = add_adapter(lm, f"{name}-ppo", cfg.lora)
+        new = add_adapter(lm, f"{name}-{stage}", cfg.lora)
         policy = [*R.as_list(pol.adapter), new]
         trained = adapter_parameters(lm, new)
     else:
@@ -338,7 +356,6 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
         lm = LoadedModel(pol.lm.spec, model, pol.lm.tokenizer, pol.lm.source)  # fp32 master weights: all train
         ref_lm, policy, trained = pol.lm, None, list(lm.model.parameters())
     reference = pol.adapter
-    value_head = R.value_head_for(cfg.reward, lm, runtime)
     roles = R.Roles(lm, policy, reference, ref_lm, R.scorer_for(cfg.reward, pol, lm, runtime), runtime.autocast)
     roles.bf16_weights = runtime.precision == "bf16"
     rm = cfg.reward if isinstance(cfg.reward, RewardHandle) and cfg.reward.lm is lm else None
@@ -347,16 +364,12 @@ def _new_handle(cfg: PPOConfig, name: str, runtime: Runtime) -> PPOHandle:
         *(R.as_list(reference) if ref_lm is lm else []),
         *R.as_list(rm and rm.adapter),
     )
-    from .kl_control import AdaptiveKLController, FixedKLController
+    return roles, policy, trained
 
-    kl_ctl = (
-        AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-        if cfg.target_kl
-        else FixedKLController(cfg.kl_coef)
-    )
-    state = PPOState(roles, value_head, trained + list(value_head.parameters()), kl_ctl)
-    parents = (pol.name, getattr(cfg.reward, "name", getattr(cfg.reward, "__name__", "reward")))
-    return PPOHandle(name, lm, state=state, runtime=runtime, adapter=policy, config=cfg, parents=parents)
+
+def reward_name(reward: Any) -> str:
+    """The reward's name in a result's lineage: a handle's name, a function's __name__."""
+    return getattr(reward, "name", getattr(reward, "__name__", "reward"))
 
 
 def _summary(handle: PPOHandle, stop: StopControl) -> dict[str, Any]:

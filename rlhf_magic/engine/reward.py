@@ -55,7 +55,7 @@ def train_reward(
     emit = Emitter("reward", callbacks)
     seed_everything(cfg.seed)
     # 1. the rankings (checked before any model loads), then the backbone: the SFT weights, shared through LoRA
-    prefs = to_preferences(cfg.data)
+    prefs = drop_flagged(to_preferences(cfg.data), cfg.include_flagged, emit)  # says how many flagged it left out
     lm, init_from, parents = backbone(cfg, runtime)
     check_tokenizers(prefs, lm, cfg, policies)
     # 2. rankings -> tokenized items -> train / held-out split by prompt
@@ -135,6 +135,19 @@ def to_preferences(data: Any) -> Any:
     if isinstance(data, (str, Path)):
         return Preferences.from_records(data, source=str(data))
     return Preferences.from_records([_json_ranking(r) for r in read_records(data, "data")])
+
+
+def drop_flagged(prefs: Any, include: bool, emit: Emitter) -> Any:
+    """The preferences to learn from: less the flagged prompts unless `include`, with a warning saying how many."""
+    if include or not prefs.flagged:
+        return prefs
+    kept, keep = prefs.without_flagged(), "include_flagged = True keeps those with a ranking"
+    if not kept.records:
+        raise DataError(
+            f"all {len(prefs)} ranked prompts are flagged (all answers bad or unsafe): nothing to learn; {keep}"
+        )
+    emit("warning", payload=f"left out {prefs.flagged} flagged prompt(s) (all answers bad or unsafe); {keep}")
+    return kept
 
 
 def _json_ranking(rec: dict) -> dict:
