@@ -164,10 +164,11 @@ def test_tutorial_02_runs_in_jupyterlab(page, jupyter_server):
     expect(panel.locator(".rlhf-prompt")).to_contain_text("Done")
     panel.locator(".rlhf-back").click()
     expect(panel.locator(".rlhf-status")).to_contain_text("Already labelled", timeout=30_000)
-    expect(panel.locator(".rlhf-card")).to_have_count(4)
+    # the keyboard and drag view (anywidget) shows the four answers; it replaces the click cards where it runs
+    view = panel.locator(".rlhf-rv-list")
     for j in range(4):
-        expect(panel.locator(f".rlhf-answer-{j}")).to_be_visible()
-        expect(panel.locator(f".rlhf-rank-{j}").get_by_role("button", name="1", exact=True)).to_be_visible()
+        expect(panel.locator(f".rlhf-rv-card-{j}")).to_be_visible()
+        expect(view.get_by_role("button", name=f"Rank answer {'ABCD'[j]} as 1", exact=True)).to_be_visible()
     for name in ("back", "skip", "undo", "submit"):
         expect(panel.locator(f".rlhf-{name}")).to_be_visible()
     expect(panel.locator(".rlhf-submit")).to_have_text("Replace")
