@@ -1,8 +1,9 @@
 """Execute example notebooks headless (nbclient) and keep the executed copies and HTML pages.
 
-    python scripts/run_notebooks.py [examples/01_sft.ipynb ...] [--out examples/executed] [--timeout 900]
+    python scripts/run_notebooks.py [examples/01_sft.ipynb ...] [--out examples/executed] [--timeout 900] [--seed 1]
 
-Fails (exit 1) on the first error cell. Prints where the outputs are and how long each notebook took.
+Fails (exit 1) on the first error cell. Prints where the outputs are and how long each notebook took. `--seed` sets
+RLHF_MAGIC_TUTORIAL_SEED, which every tutorial reads in its settings cell (default 0).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def main() -> int:
     ap.add_argument("notebooks", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "examples" / "executed")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    ap.add_argument("--seed", type=int, default=None, help="RLHF_MAGIC_TUTORIAL_SEED for the tutorials (default: 0)")
     args = ap.parse_args()
     books = args.notebooks or sorted((ROOT / "examples").glob("[0-9]*.ipynb"))
+    if args.seed is not None:
+        os.environ["RLHF_MAGIC_TUTORIAL_SEED"] = str(args.seed)
     os.environ.setdefault("RLHF_MAGIC_HEADLESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from nbclient.exceptions import CellExecutionError
