@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .adapters import adapter_parameters, merged_copy, use_adapter
-from .generation import decode, encode_prompts, left_pad, sample
+from .generation import MODEL_LOCK, decode, encode_prompts, left_pad, sample
 from .models import LoadedModel
 from .runtime import Runtime
 from .text import encode
@@ -93,6 +94,13 @@ class Handle:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} stage={self.stage} parents={list(self.parents)}>"
 
+    def push_to_hub(self, repo_id: str, *, private: bool = True, merged: bool = True, token: str | None = None) -> str:
+        """Save into a temporary folder and upload it to the Hugging Face Hub as model repo `repo_id` ('user/name'),
+        created private unless `private=False`; `merged=False` uploads a policy's PEFT adapter. Returns the URL."""
+        from .hub_upload import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, merged=merged, token=token)
+
 
 class PolicyHandle(Handle):
     """A language-model policy: `.generate`, `.sample`, `.save`, `.metrics`."""
@@ -148,7 +156,7 @@ class PolicyHandle(Handle):
         """`k` answers per prompt, all sampled in one batched call."""
         if not prompts:
             return []
-        with use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope():
+        with MODEL_LOCK, use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope():
             out = sample(
                 self.lm,
                 list(prompts),
@@ -182,15 +190,26 @@ class PolicyHandle(Handle):
             for j, a in enumerate(answers):
                 a_ids[j, : len(a)], a_mask[j, : len(a)] = torch.tensor(a), 1
             a_ids, a_mask = a_ids.to(q_ids.device), a_mask.to(q_ids.device)
-            with use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope(), self.runtime.autocast():
+            with (
+                MODEL_LOCK,
+                use_adapter(self.lm, self.adapter),
+                self.runtime.fast_path_scope(),
+                self.runtime.autocast(),
+            ):
                 ids, mask = torch.cat([q_ids, a_ids], 1), torch.cat([q_mask, a_mask.long()], 1)
                 lp = response_logprobs(self.lm.model, ids, mask, q_ids.shape[1]).logprobs
             out += (lp * a_mask).sum(1).tolist()
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """A checkpoint that `from_pretrained(path)` and `model = "<path>"` load back (adapters merged)."""
-        model = merged_copy(self.lm, self.adapter)
+    def save(self, path: str | os.PathLike, *, merged: bool = True, overwrite: bool = False) -> Path:
+        """A folder that `model = "<path>"` loads back, with a model card (README.md). `merged=True`: a plain
+        checkpoint (adapters merged) for `AutoModelForCausalLM.from_pretrained(path)`; `merged=False`: a PEFT adapter
+        folder for `PeftModel.from_pretrained(base, path)` (stacked adapters become one). An existing non-empty
+        folder is replaced only with `overwrite=True`."""
+        from .export import write_adapter, write_card
+
+        check_target(Path(path), overwrite)
+        model = merged_copy(self.lm, self.adapter) if merged else None
         meta = {
             **self.describe(),
             "base": self.lm.spec,
@@ -199,11 +218,15 @@ class PolicyHandle(Handle):
         }
 
         def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
+            if model is not None:
+                model.save_pretrained(tmp)
+            else:
+                meta["base_model"] = write_adapter(tmp, self)  # where the adapter applies: see export.base_source
             self.lm.tokenizer.save_pretrained(tmp)
             (tmp / "rlhf_magic.json").write_text(json.dumps(meta, indent=2))
+            write_card(tmp, self, weights="merged" if merged else "adapter", base=meta.get("base_model"))
 
-        return atomic_dir(Path(path), write)
+        return atomic_dir(Path(path), write, overwrite=overwrite)
 
     def _rows(self) -> list[tuple[str, str]]:
         rows = [
@@ -217,8 +240,19 @@ class PolicyHandle(Handle):
         return rows
 
 
-def atomic_dir(path: Path, write: Any) -> Path:
-    """Write a folder through a temporary sibling and swap it in, so a crash never leaves a half-written one."""
+def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, to replace an existing non-empty folder (or a file) unless asked to."""
+    path = path.expanduser()
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not overwrite):
+        what = "a file" if path.is_file() else "a folder that is not empty"
+        fix = "pick another path" if path.is_file() else "pass overwrite=True to replace it, or pick another path"
+        raise ConfigError(f"{str(path)!r} is {what}; {fix}")
+
+
+def atomic_dir(path: Path, write: Any, *, overwrite: bool = False) -> Path:
+    """Write a folder through a temporary sibling and swap it in, so a crash never leaves a half-written one.
+    An existing non-empty folder is refused before anything is written, unless `overwrite=True`."""
+    check_target(path, overwrite)
     path = path.expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))

@@ -48,6 +48,20 @@ def hub_snapshot(spec: str, revision: str | None, trust_remote_code: bool) -> Pa
     return path
 
 
+def hub_adapter(spec: str, revision: str | None) -> Path | None:
+    """The files of a hub repo that holds a PEFT adapter (a policy pushed with merged=False), else None: asked only
+    once `spec` has no config.json, so that the caller's error stands for any other repo."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    kw: dict[str, Any] = {"revision": revision, "local_files_only": offline()}
+    try:
+        hf_hub_download(spec, "adapter_config.json", **kw)
+    except Exception:  # not an adapter either (or not reachable): the config.json error says what to do
+        return None
+    with hub_errors(spec, revision):
+        return Path(snapshot_download(spec, allow_patterns=[*METADATA, "adapter_model.safetensors"], **kw))
+
+
 def cached_ids() -> list[str]:
     """Model ids in the local Hugging Face cache (from its folder names: nothing is read or scanned further)."""
     from huggingface_hub import constants

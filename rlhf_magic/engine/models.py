@@ -164,9 +164,13 @@ def load_model(
         return LoadedModel(TINY, model.to(device, dtype).eval(), tok, TINY)
     if name in EMBEDDED_ALIASES:
         path, spec = embedded_checkpoint(), EMBEDDED
+    elif (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from .export import load_adapter_folder  # a PEFT adapter (`.save(merged=False)`): its base, merged with it
+
+        return load_adapter_folder(spec, path, device, dtype=dtype, trust=trust_remote_code, workload=work)
     elif path.exists() and not (path / "config.json").exists():
         raise ModelError(
-            f"model = {spec!r}: the folder has no config.json; pass a folder written by "
+            f"model = {spec!r}: the folder has no config.json (nor adapter_config.json); pass a folder written by "
             f"save_pretrained() or a handle's .save()"
         )
     elif not path.exists():
@@ -175,9 +179,18 @@ def load_model(
                 f"model = {spec!r}: no such folder{hub.did_you_mean(spec, (EMBEDDED, TINY))}; accepted: "
                 f"'smollm2-135m', 'tiny', a checkpoint folder, or a hub id 'org/name'"
             )
-        preflight(spec, hub.hub_config(spec, revision), device, dtype=dtype, workload=work, trust=trust_remote_code)
-        where = hub.hub_snapshot(spec, revision, trust_remote_code)
         label = f"{spec}@{revision}" if revision else spec
+        try:
+            config_file = hub.hub_config(spec, revision)
+        except ModelError:
+            adapter = hub.hub_adapter(spec, revision)  # a PEFT adapter repo has adapter_config.json instead
+            if adapter is None:
+                raise
+            from .export import load_adapter_folder
+
+            return load_adapter_folder(label, adapter, device, dtype=dtype, trust=trust_remote_code, workload=work)
+        preflight(spec, config_file, device, dtype=dtype, workload=work, trust=trust_remote_code)
+        where = hub.hub_snapshot(spec, revision, trust_remote_code)
         return _from_pretrained(label, where, device, dtype=dtype, trust=trust_remote_code)
     preflight(spec, path / "config.json", device, dtype=dtype, workload=work, trust=trust_remote_code)
     return _from_pretrained(spec, path, device, dtype=dtype, trust=trust_remote_code)

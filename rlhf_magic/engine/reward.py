@@ -99,7 +99,7 @@ def train_reward(
     handle.metrics.summary.update(state.watch.summary())
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
-        handle.save(cfg.output_dir)
+        handle.save(cfg.output_dir, overwrite=True)  # a re-run of the stage replaces its own output
     return handle
 
 

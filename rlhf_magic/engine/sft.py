@@ -79,7 +79,7 @@ def train_sft(
     handle.metrics.summary.update({**_summary(handle, state, stop), **state.watch.summary()})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
-        handle.save(cfg.output_dir)
+        handle.save(cfg.output_dir, overwrite=True)  # a re-run of the stage replaces its own output
     return handle
 
 
