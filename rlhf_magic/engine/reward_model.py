@@ -15,9 +15,11 @@ from .. import ops
 from ..errors import DataError, ModelError
 from .adapters import adapter_parameters, merged_copy, use_adapter
 from .fastpath import Prefix
-from .handles import Handle, atomic_dir, config_summary
+from .generation import MODEL_LOCK
+from .handles import Handle, atomic_dir, check_target, config_summary
 from .models import LoadedModel
 from .modules import OverModel, hidden_states
+from .reward_export import quiet_load, read_head, saved_format, write_reward
 from .runtime import Runtime
 from .text import encode, format_prompt
 
@@ -122,7 +124,12 @@ class RewardHandle(Handle):
         was_training = model.training
         model.eval()
         try:
-            with use_adapter(self.lm, self.adapter), self.runtime.fast_path_scope(), self.runtime.autocast():
+            with (
+                MODEL_LOCK,
+                use_adapter(self.lm, self.adapter),
+                self.runtime.fast_path_scope(),
+                self.runtime.autocast(),
+            ):
                 return last_token_scores(model, self.head, ids, mask, prefix).float()
         finally:
             model.train(was_training)
@@ -153,9 +160,17 @@ class RewardHandle(Handle):
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return self.score(prompts, responses)
 
-    def save(self, path: str | Path) -> Path:
-        """Backbone (adapter merged) + head + normalisation; `rlhf_magic.load_reward(path)` reads it back."""
-        model = merged_copy(self.lm, self.adapter)
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """A standard sequence-classification checkpoint with a model card (README.md): the backbone with its adapter
+        merged, a one-label `score` head, the pad token set and the normalisation in `config.rlhf_magic`, for
+        `AutoModelForSequenceClassification.from_pretrained(path)` (TRL, OpenRLHF, ...), `load_reward(path)` and
+        `reward = "<path>"`. Its logits on the same tokens are `score()` minus `config.rlhf_magic["score_offset"]`:
+        0 where the backbone ends in a LayerNorm with a bias, else `gain * (head bias - mean)`, a constant that a
+        bias-free `score` head cannot hold (see reward_export.py).
+        An existing non-empty folder is replaced only with `overwrite=True`."""
+        from .export import write_card
+
+        check_target(Path(path), overwrite)
         meta = {
             **self.describe(),
             "base": self.lm.spec,
@@ -167,12 +182,14 @@ class RewardHandle(Handle):
         }
 
         def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
+            write_reward(tmp, model, self)
             self.lm.tokenizer.save_pretrained(tmp)
-            torch.save({k: v.detach().cpu() for k, v in self.head.state_dict().items()}, tmp / HEAD_FILE)
             (tmp / "rlhf_magic.json").write_text(json.dumps(meta, indent=2, default=repr))
+            write_card(tmp, self)
 
-        return atomic_dir(Path(path), write)
+        with MODEL_LOCK:  # the weights read here are not changing under a stage or a background sampler
+            model = merged_copy(self.lm, self.adapter)
+            return atomic_dir(Path(path), write, overwrite=overwrite)
 
     def _rows(self) -> list[tuple[str, str]]:
         acc = self.accuracy
@@ -187,20 +204,27 @@ class RewardHandle(Handle):
 
 
 def load_reward(path: str | Path, runtime: Runtime, name: str | None = None) -> RewardHandle:
-    """A reward model written by `RewardHandle.save`."""
+    """A reward model written by `RewardHandle.save`: a one-label sequence-classification checkpoint (any trainer's;
+    rlhf-magic's carries its normalisation), or rlhf-magic's older causal LM + reward_head.pt folder."""
     path = Path(path).expanduser()
     meta_file = path / "rlhf_magic.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    if meta.get("kind") != "reward" or not (path / HEAD_FILE).exists():
+    saved = saved_format(path)
+    if saved is None and (meta.get("kind") != "reward" or not (path / HEAD_FILE).exists()):
         raise ModelError(
-            f"{str(path)!r} is not a saved reward model (no {HEAD_FILE} / kind 'reward' in rlhf_magic.json)"
+            f"{str(path)!r} is not a saved reward model: expected a sequence-classification checkpoint with one "
+            f"label (what a reward model's .save() writes) or an older folder with {HEAD_FILE}"
         )
-    lm = runtime.load_fresh(str(path))
-    head = make_head(lm.model.config.hidden_size, runtime.device)
-    head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device, weights_only=True))
+    with quiet_load():
+        lm = runtime.load_fresh(str(path))
+    if saved is not None:
+        head, norm = read_head(path, saved, runtime.device), saved
+    else:
+        head, norm = make_head(lm.model.config.hidden_size, runtime.device), meta
+        head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device, weights_only=True))
     name = name or meta.get("name", "reward")
-    parents, max_length = meta.get("parents", []), int(meta.get("max_length", 512))
+    parents, max_length = meta.get("parents", []), int(norm.get("max_length", meta.get("max_length", 512)))
     handle = RewardHandle(name, lm, head, runtime=runtime, parents=parents, max_length=max_length)
-    handle.mean, handle.gain = float(meta.get("mean", 0.0)), float(meta.get("gain", 1.0))
+    handle.mean, handle.gain = float(norm.get("mean", 0.0)), float(norm.get("gain", 1.0))
     handle.metrics.summary.update(meta.get("metrics") or {})
     return handle
