@@ -16,17 +16,26 @@ __all__ = ["Comparison", "WinRate", "compare", "dpo", "grpo", "load_policy", "lo
 
 
 def _config(cls: type, config: Any, settings: dict[str, Any]) -> Any:
-    """`config` (or the defaults) with `settings` on top, checked as a cell's settings are, whoever built it."""
-    return with_options(cls, config, settings)
+    """`config` (or the defaults) with `settings` on top, checked as a cell's settings are, whoever built it; a
+    `report_to` tracker that is not installed is refused here, before anything loads."""
+    from .engine import tracking
+
+    cfg = with_options(cls, config, settings)
+    tracking.check(cfg.report_to)
+    return cfg
 
 
-def _views(stage: str, name: str, progress: bool, callbacks: Sequence[Callback], stop: StopControl) -> list:
+def _views(stage: str, name: str, progress: bool, callbacks: Sequence[Callback], stop: StopControl, cfg: Any) -> list:
+    """The caller's callbacks, the live view and the `report_to` tracker (the last two on the main process only)."""
+    from .engine import tracking
+
     views = list(callbacks)
     if progress and os.environ.get("RANK", "0") == "0":  # under accelerate launch only the main process shows it
         from .widgets.live import live_view
 
         views.insert(0, live_view(stage, f"%%{stage} {name}", stop))
-    return views
+    tracker = tracking.tracker_view(cfg.report_to, stage, name)
+    return views if tracker is None else [*views, tracker]
 
 
 def sft(
@@ -54,7 +63,7 @@ def sft(
     if trust_remote_code:
         runtime.trust(cfg.model)
     stop = stop or StopControl()
-    handle = train_sft(cfg, name, runtime, _views("sft", name, progress, callbacks, stop), stop)
+    handle = train_sft(cfg, name, runtime, _views("sft", name, progress, callbacks, stop, cfg), stop)
     if session is not None:
         session.add(handle)
     return handle
@@ -126,7 +135,7 @@ def reward(
     if trust_remote_code:
         runtime.trust(cfg.model)
     stop = stop or StopControl()
-    handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop), stop, session)
+    handle = train_reward(cfg, name, runtime, _views("reward", name, progress, callbacks, stop, cfg), stop, session)
     if session is not None:
         session.add(handle)
     return handle
@@ -167,7 +176,7 @@ def dpo(
     runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
     cfg = _dpo_resolved(cfg, runtime)
     stop = stop or StopControl()
-    handle = train_dpo(cfg, name, runtime, _views("dpo", name, progress, callbacks, stop), stop)
+    handle = train_dpo(cfg, name, runtime, _views("dpo", name, progress, callbacks, stop, cfg), stop)
     if session is not None:
         session.add(handle)
     return handle
@@ -248,7 +257,7 @@ def ppo(
     runtime = resolve_runtime(cfg.policy, session, device=cfg.device, precision=cfg.precision, fast_path=cfg.fast_path)
     cfg = _ppo_resolved(cfg, runtime)
     stop = stop or StopControl()
-    views = _views("ppo", name, progress, callbacks, stop)
+    views = _views("ppo", name, progress, callbacks, stop, cfg)
     handle = train_ppo(cfg, name, runtime, views, stop, previous)
     if session is not None:
         session.add(handle)
@@ -335,7 +344,7 @@ def grpo(
     policy, reward = references.resolve_ppo(cfg.policy, cfg.reward, runtime)
     cfg = dataclasses.replace(cfg, policy=policy, reward=reward)
     stop = stop or StopControl()
-    handle = train_grpo(cfg, name, runtime, _views("grpo", name, progress, callbacks, stop), stop, previous)
+    handle = train_grpo(cfg, name, runtime, _views("grpo", name, progress, callbacks, stop, cfg), stop, previous)
     if session is not None:
         session.add(handle)
     return handle

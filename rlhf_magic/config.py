@@ -67,6 +67,8 @@ class LoraConfig:
 
 Device = Literal["cuda", "mps", "cpu"]
 Precision = Literal["bf16", "fp16", "fp32"]
+Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "none"]
+REPORT_TO = "experiment tracker: 'tensorboard' (logs in ./runs), 'wandb', 'trackio', 'mlflow' or 'none'"
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,14 @@ class SFTConfig:
     lora: LoraConfig | None = setting(LoraConfig(), "LoRA settings; `lora = False` means full fine-tuning")
     revision: str | None = setting(None, "hub model only: a branch, tag or commit of `model` (default: main)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
-    output_dir: str | None = setting(None, "also save the final model to this folder")
+    output_dir: str | None = setting(None, "also save the final model to this folder (replacing what it holds)")
     device: Device | None = setting(None, "override the device: 'cuda', 'mps' or 'cpu' (default: best found)")
     precision: Precision | None = setting(None, "override precision: 'bf16', 'fp16', 'fp32' (default: bf16 on GPU)")
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
     stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+    report_to: Tracker = setting("none", REPORT_TO)
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,14 @@ class RewardConfig:
     lora: LoraConfig | None = setting(LoraConfig(), "LoRA settings; `lora = False` trains the whole backbone")
     revision: str | None = setting(None, "hub model only: a branch, tag or commit of `model` (default: main)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
-    output_dir: str | None = setting(None, "also save the reward model to this folder")
+    output_dir: str | None = setting(None, "also save the reward model to this folder (replacing what it holds)")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
     stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+    report_to: Tracker = setting("none", REPORT_TO)
 
 
 @dataclass(frozen=True)
@@ -161,13 +165,14 @@ class DPOConfig:
     )
     revision: str | None = setting(None, "hub model only: a branch, tag or commit of `policy` (default: main)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
-    output_dir: str | None = setting(None, "also save the final policy to this folder")
+    output_dir: str | None = setting(None, "also save the final policy to this folder (replacing what it holds)")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
     stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+    report_to: Tracker = setting("none", REPORT_TO)
 
 
 @dataclass(frozen=True)
@@ -220,13 +225,14 @@ class PPOConfig:
     lora: LoraConfig | None = setting(LoraConfig(), "LoRA settings for the policy; False trains the whole model")
     resume: bool = setting(False, "continue training the handle of the same name")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
-    output_dir: str | None = setting(None, "also save the final policy to this folder")
+    output_dir: str | None = setting(None, "also save the final policy to this folder (replacing what it holds)")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
     stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+    report_to: Tracker = setting("none", REPORT_TO)
 
 
 @dataclass(frozen=True)
@@ -267,13 +273,14 @@ class GRPOConfig:
     lora: LoraConfig | None = setting(LoraConfig(), "LoRA settings for the policy; False trains the whole model")
     resume: bool = setting(False, "continue training the handle of the same name")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
-    output_dir: str | None = setting(None, "also save the final policy to this folder")
+    output_dir: str | None = setting(None, "also save the final policy to this folder (replacing what it holds)")
     device: Device | None = setting(None, "override the device")
     precision: Precision | None = setting(None, "override precision")
     fast_path: bool = setting(
         True, "CPU speed-ups (engine/fastpath); False, or RLHF_MAGIC_FASTPATH=0, runs the plain path a GPU runs"
     )
     stop_on_divergence: bool = setting(True, "stop a diverging run (NaN, loss blow-up) and keep the last good model")
+    report_to: Tracker = setting("none", REPORT_TO)
 
 
 STAGES: dict[str, type] = {
