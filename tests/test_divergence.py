@@ -347,7 +347,10 @@ def test_the_cli_prints_the_line(tmp_path, pairs, capsys):
     cfg.write_text(f'model = "tiny"\ndata = "{data}"\nmax_steps = 10\nlr = 1e38\noutput_dir = "{tmp_path / "out"}"\n')
     assert main(["sft", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert f"stopped: {SFT_LINES[1e38]}\n" in out and json.loads(out.splitlines()[-1])["stopped"] == SFT_LINES[1e38]
+    assert f"stopped: {SFT_LINES[1e38]}\n" in out
+    summary = next(line for line in out.splitlines() if line.startswith("{"))  # then the one-line summary
+    assert json.loads(summary)["stopped"] == SFT_LINES[1e38]
+    assert out.splitlines()[-1].startswith("rlhf-magic: sft") and "stopped (" in out.splitlines()[-1]
 
 
 def test_the_text_view_warns_on_a_divergence_that_does_not_stop():

@@ -208,7 +208,7 @@ def test_without_anywidget_the_click_cards_work_and_say_so(tmp_path, monkeypatch
     p = panel(path)
     assert p.cards.view is None and rank_view.view_class() is None
     note = re.sub("<[^>]+>", "", p.cards.view_note.value)
-    assert note == rank_view.NO_ANYWIDGET and "\n" not in note and "pip install anywidget" in note
+    assert note == rank_view.NO_ANYWIDGET and "\n" not in note and 'pip install "rlhf-magic[notebook]"' in note
     assert p.cards.view_note in p.cards.root.children
     p.cards.ranks[0].value = "1"
     p.cards.ranks[1].value = "2"
@@ -232,6 +232,6 @@ def test_every_action_the_front_end_sends_is_one_python_handles():
 def test_the_package_ships_the_view_module():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert any(d.startswith("anywidget") for d in project["project"]["dependencies"])
+    assert any(d.startswith("anywidget") for d in project["project"]["optional-dependencies"]["notebook"])
     shipped = project["tool"]["setuptools"]["package-data"]["rlhf_magic.widgets"]
     assert {"static/*.js", "static/*.css"} <= set(shipped)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..agreement import Agreement, PromptAgreement
 from ..errors import DataError
+from . import notebook_module
 
 SHOWN = 5  # prompts listed, lowest agreement first
 
@@ -23,7 +24,7 @@ class AgreementView:
     labelers disagree on most with a Re-label button each. `relabel(prompt)` does what the button does."""
 
     def __init__(self, prefs: Any, panel: Any = None, *, top: int = SHOWN):
-        import ipywidgets as W
+        W = notebook_module("ipywidgets")
 
         if panel is None and hasattr(type(prefs), "preferences"):  # a RankingPanel
             panel, prefs = prefs, prefs.preferences

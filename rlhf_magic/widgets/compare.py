@@ -23,6 +23,7 @@ from ..data import read_prompts
 from ..errors import ConfigError, DataError, RLHFError
 from ..preferences import parse_ranking
 from ..validation import with_options
+from . import notebook_module
 
 CHOICES = {"left": "Left is better", "tie": "Tie", "right": "Right is better"}
 CARD = "1px solid #bbb"
@@ -161,7 +162,7 @@ class ComparePanel:
         return winner
 
     def _build(self) -> None:
-        import ipywidgets as W
+        W = notebook_module("ipywidgets")
 
         self.W = W
         self.status = _tag(W.HTML(), "status")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..events import Event, StopControl
+from . import notebook_module
 
 Panels = Sequence[tuple[str, Sequence[str]]]
 DEFAULT_PANELS: dict[str, Panels] = {
@@ -149,9 +150,8 @@ def series_line(values: Sequence[float]) -> str:
 
 def new_figure(width: float, height: float) -> Any:
     """A matplotlib Figure outside pyplot: no backend state, no second copy from the inline backend."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=80)
+    figure = notebook_module("matplotlib.figure")
+    return figure.Figure(figsize=(width, height), dpi=80)
 
 
 def png_image(fig: Any) -> Any:
@@ -196,7 +196,7 @@ class WidgetView:
     redraw_s = 0.5
 
     def __init__(self, title: str, panels: Panels, stop: StopControl | None):
-        import ipywidgets as W
+        W = notebook_module("ipywidgets")
         from IPython.display import display
 
         self.title, self.panels, self.stop = title, panels, stop

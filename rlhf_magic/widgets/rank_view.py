@@ -17,7 +17,8 @@ STATIC = Path(__file__).with_name("static")
 LETTERS = "ABCDEFGHI"
 ACTIONS = ("submit", "skip", "undo", "back", "flag", "tie")
 NO_ANYWIDGET = (
-    "Keyboard shortcuts and drag-to-rank need the anywidget package (pip install anywidget): rank by clicking."
+    'Keyboard shortcuts and drag-to-rank need the anywidget package (pip install "rlhf-magic[notebook]"): rank by '
+    "clicking."
 )
 NOT_LOADED = "The keyboard and drag view did not load in this front end: rank by clicking the buttons."
 DROPPED_OUTSIDE = "Dropped outside the list of answers: the ranking is unchanged (drop it on the list to move it)."

@@ -16,7 +16,7 @@ import html
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import rank_view
+from . import notebook_module, rank_view
 
 LETTERS = "ABCDEFGHI"
 UNSET = "–"
@@ -65,7 +65,7 @@ class Cards:
     """The panel's widget tree; `RankingPanel` owns the logic and calls `show`, `update` and `say`."""
 
     def __init__(self, on_change: Callable[[], None], title: str, labeler: str):
-        import ipywidgets as W
+        W = notebook_module("ipywidgets")
 
         self.W, self.on_change = W, on_change
         self.responses: list[str] = []

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import DataError
+from . import notebook_module
 from .ranking_options import policy_name
 from .ranking_sampler import Sampler, one_line, policy_draw
 
@@ -155,7 +156,7 @@ class SamplingView:
     """The panel's sampling strip: how many prompts have answers, a progress bar, and Stop. Hidden when done."""
 
     def __init__(self) -> None:
-        import ipywidgets as W
+        W = notebook_module("ipywidgets")
 
         self.bar = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="160px"))
         self.text = W.HTML()
