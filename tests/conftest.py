@@ -109,6 +109,20 @@ def ppo_run(runs, sft_run, reward_run):
 
 
 @pytest.fixture(scope="session")
+def dpo_run(runs, sft_run):
+    from launches import CONFIGS, launch
+
+    return launch(runs, "dpo", CONFIGS["dpo"])
+
+
+@pytest.fixture(scope="session")
+def grpo_run(runs, sft_run, reward_run):
+    from launches import CONFIGS, launch
+
+    return launch(runs, "grpo", CONFIGS["grpo"])
+
+
+@pytest.fixture(scope="session")
 def fsdp2_runs(tmp_path_factory):
     from launches import CONFIGS, launch, write_data
 

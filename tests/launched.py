@@ -1,7 +1,8 @@
 """One process of `tests/test_distributed.py`'s launches: `rlhf_magic.cli.main` with spies.
 
 The spies log, per process, the training rows it saw, the rollouts it sampled (prompts, seed, answers), its raw PPO
-rows, its metric history and every folder it saved, to $RLHF_MAGIC_TEST_SPIES/rank<N>.json. With
+rows, its metric history, every folder it saved and whether the divergence watch watched the sharded weights, to
+$RLHF_MAGIC_TEST_SPIES/rank<N>.json; after the run, the main process alone uses the handle (`_use_after`). With
 $RLHF_MAGIC_TEST_FSDP2 set, accelerate prepares the models with FSDP2.
 """
 
@@ -19,14 +20,15 @@ import torch
 def _launched(argv: list[str]) -> int:
     """A process of `launch`: the CLI, with spies that log what this process did to RLHF_MAGIC_TEST_SPIES."""
     from rlhf_magic import cli
-    from rlhf_magic.engine import handles, ppo, reward, reward_model, rollout, sft
+    from rlhf_magic.engine import dpo, handles, ppo, reward, reward_model, rollout, sft
 
     log: dict[str, Any] = {"rows": [], "rollouts": [], "ppo_rows": [], "saved": [], "history": []}
-    for module in (sft, reward):
+    for module in (sft, reward, dpo):
         _spy_rows(module, log["rows"])
     for module in (handles, reward_model):
         _spy_saves(module, log["saved"])
     generate, step, summary = rollout.generate, ppo.ppo_step, cli._summary
+    trained: list[Any] = []  # the handle the run returned
 
     def spy_generate(roles: Any, prompts: list[str], cfg: Any, seed: int, capture: bool = False) -> Any:
         ro = generate(roles, prompts, cfg, seed, capture)
@@ -39,7 +41,7 @@ def _launched(argv: list[str]) -> int:
         return row
 
     def spy_summary(handle: Any) -> dict[str, Any]:
-        log["history"] = handle.metrics.history
+        log["history"], trained[:] = handle.metrics.history, [handle]
         return summary(handle)
 
     rollout.generate, ppo.ppo_step, cli._summary = spy_generate, spy_step, spy_summary
@@ -47,6 +49,8 @@ def _launched(argv: list[str]) -> int:
         _as_fsdp2()
     _spy_sharding(log)
     code = cli.main(argv)
+    if trained and os.environ.get("RANK", "0") == "0":
+        log["after"] = _use_after(trained[0])
     out = Path(os.environ["RLHF_MAGIC_TEST_SPIES"]) / f"rank{os.environ.get('RANK', '0')}.json"
     out.write_text(json.dumps(log, default=float))
     return code
@@ -76,14 +80,30 @@ def _as_fsdp2() -> None:
     runtime.Runtime.accelerator = accelerator
 
 
+def _use_after(handle: Any) -> list[Any]:
+    """The handle after the run, in this process alone (the other may have exited): a policy's greedy answers, a
+    reward model's scores. Any collective left on the model (FSDP2's) would fail here."""
+    prompts = [f"Tell me about number {i}." for i in range(3)]
+    if hasattr(handle, "generate"):
+        return handle.generate(prompts, max_new_tokens=6)
+    return handle.score(prompts, ["It is a number.", "q", "abab"])
+
+
 def _spy_sharding(log: dict[str, Any]) -> None:
-    """Log whether accelerate sharded the model with FSDP2 (its parameters became DTensors)."""
+    """Log whether accelerate sharded the model with FSDP2 (its parameters became DTensors), and whether the
+    divergence watch watches the weights that train (under FSDP2 the sharded ones, not the pre-`prepare` ones)."""
     from torch.distributed.tensor import DTensor
 
-    from rlhf_magic.engine import sharding
+    from rlhf_magic.engine import divergence, sharding
 
-    original = sharding.prepare
+    original, watch = sharding.prepare, divergence.watch
     log["fsdp2"] = False
+
+    def watched(params: Any, *args: Any, **kw: Any) -> Any:
+        log["watched_sharded"] = bool(params) and all(isinstance(p, DTensor) for p in params)
+        return watch(params, *args, **kw)
+
+    divergence.watch = watched
 
     def prepare(acc: Any, module: Any, *objects: Any, **kw: Any) -> tuple[Any, ...]:
         prepared = original(acc, module, *objects, **kw)
@@ -112,9 +132,9 @@ def _spy_rows(module: Any, rows: list) -> None:
 def _spy_saves(module: Any, saved: list) -> None:
     original = module.atomic_dir
 
-    def atomic_dir(path: Path, write: Any) -> Path:
+    def atomic_dir(path: Path, write: Any, **kw: Any) -> Path:
         saved.append(str(Path(path).expanduser().resolve()))
-        return original(path, write)
+        return original(path, write, **kw)
 
     module.atomic_dir = atomic_dir
 

@@ -28,10 +28,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_LAUNCHED: dict[tuple[str, str, str, bool], dict[str, Any]] = {}  # each run once a session, whoever asks first
+
+
 def launch(root: Path, stage: str, config: str, *, fsdp2: bool = False) -> dict[str, Any]:
     """`rlhf-magic STAGE CONFIG` in two CPU processes (gloo); returns the summary, stdout and each rank's log.
     `fsdp2`: launched with examples/accelerate/fsdp2.yaml, and accelerate prepares the model with FSDP2 (see
-    `tests/launched.py: _as_fsdp2`)."""
+    `tests/launched.py: _as_fsdp2`). The same launch asked for again (a test and a fixture) runs once."""
+    key = (str(root), stage, config, fsdp2)
+    if key not in _LAUNCHED:
+        _LAUNCHED[key] = _launch(root, stage, config, fsdp2=fsdp2)
+    return _LAUNCHED[key]
+
+
+def _launch(root: Path, stage: str, config: str, *, fsdp2: bool) -> dict[str, Any]:
     (root / f"{stage}.toml").write_text(config)
     spies = root / f"spy-{stage}"
     spies.mkdir()
@@ -50,7 +60,7 @@ def launch(root: Path, stage: str, config: str, *, fsdp2: bool = False) -> dict[
     return {"summary": summary, "stdout": proc.stdout, "logs": logs}
 
 
-OUT = {"sft": "sft", "reward": "rm", "ppo": "ppo"}
+OUT = {"sft": "sft", "reward": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
 
 
 def check_common(run: dict[str, Any], out: Path) -> None:
@@ -63,13 +73,17 @@ def check_common(run: dict[str, Any], out: Path) -> None:
     assert run["logs"][0]["saved"] == [str(out.resolve())] and run["logs"][1]["saved"] == []
 
 
-CONFIGS = {  # the stages chain through files: runs/sft, then runs/rm from it, then PPO on both
+CONFIGS = {  # the stages chain through files: runs/sft, then runs/rm from it, then PPO and GRPO on both, DPO on sft
     "sft": 'model = "tiny"\ndata = "pairs.jsonl"\nepochs = 2\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\n'
     'output_dir = "sft"\n[lora]\nr = 4\n',
     "reward": 'model = "sft"\ndata = "prefs.jsonl"\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\n'
     'normalize = false\noutput_dir = "rm"\n[lora]\nr = 4\n',
     "ppo": 'policy = "sft"\nreward = "rm"\nprompts = "prompts.txt"\nsteps = 2\nbatch_size = 2\nmini_batch_size = 2\n'
     'num_ppo_epochs = 1\nmax_new_tokens = 8\nlr = 0.001\noutput_dir = "ppo"\n[lora]\nr = 4\n',
+    "dpo": 'policy = "sft"\ndata = "prefs.jsonl"\nbatch_size = 4\nlr = 0.003\neval_fraction = 0.2\noutput_dir = "dpo"\n'
+    "[lora]\nr = 4\n",
+    "grpo": 'policy = "sft"\nreward = "rm"\nprompts = "prompts.txt"\nsteps = 2\nbatch_size = 2\nnum_generations = 3\n'
+    'max_new_tokens = 6\nlr = 0.001\noutput_dir = "grpo"\n[lora]\nr = 4\n',
 }
 
 

@@ -81,7 +81,8 @@ def train_dpo(
     items, cut = load_rankings(prefs, pol.lm, cfg.max_length, chat=pol.chat)
     train, evals = split(items, cfg.eval_fraction, cfg.seed)
     check_memory(cfg, pol, train, runtime)
-    # 3. each answer's reference log-prob, once, in eval mode (each process computes its share)
+    # 3. each answer's reference log-prob, once, in eval mode (each process computes its share), before `prepare`
+    #    shards the weights under FSDP2 / ZeRO-3: every process holds them whole here
     acc = runtime.accelerator(cfg.grad_accum)
     set_reference(ref, items, cfg.batch_size, runtime, acc)
     # 4. trainables: a new adapter stacked on the policy's own, or every weight of a private copy
@@ -119,7 +120,7 @@ def train_dpo(
     handle.metrics.summary.update({**_summary(handle, state, stop, final, cut), **state.watch.summary()})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
-        handle.save(cfg.output_dir)
+        handle.save(cfg.output_dir, overwrite=True)  # a re-run of the stage replaces its own output
     return handle
 
 

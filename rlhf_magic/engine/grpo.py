@@ -173,7 +173,7 @@ def train_grpo(
     handle.metrics.summary.update({**summary(handle, stop), **run.watch.summary()})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
-        handle.save(cfg.output_dir)
+        handle.save(cfg.output_dir, overwrite=True)  # a re-run of the stage replaces its own output
     return handle
 
 
@@ -189,7 +189,8 @@ def _prepare(cfg: GRPOConfig, runtime: Runtime, state: GRPOState, emit: Emitter,
         module, optimizer = sharding.prepare(acc, PolicyLogprobs(state.roles.lm.model), optimizer, batch_size=rows)
     share = fastpath.trained_share(state.roles.lm.model, state.roles.depth)
     rules = Rules("ppo", divergence.vocab_size(state.roles.lm.model), divergence.lr_fix(lr, default_lr))
-    watch = divergence.watch(state.trained, rules, emit=emit, stop=stop, cfg=cfg, acc=acc, step=state.step)
+    trained = sharding.trained(acc, module, state.trained)  # FSDP2: the sharded ones, which the optimizer steps
+    watch = divergence.watch(trained, rules, emit=emit, stop=stop, cfg=cfg, acc=acc, step=state.step)
     return GRPORun(module, optimizer, acc, state, cfg, emit, stop, share, watch=watch)
 
 

@@ -130,7 +130,7 @@ def train_ppo(
     handle.metrics.summary.update({**_summary(handle, stop), **run.watch.summary()})
     emit("end", state.step, payload={"reason": stop.reason or "done"})
     if cfg.output_dir and runtime.is_main_process:
-        handle.save(cfg.output_dir)
+        handle.save(cfg.output_dir, overwrite=True)  # a re-run of the stage replaces its own output
     return handle
 
 
@@ -147,7 +147,8 @@ def _prepare(cfg: PPOConfig, runtime: Runtime, state: PPOState, emit: Emitter, s
         )
     share = fastpath.trained_share(state.roles.lm.model, state.roles.depth)
     rules = divergence.Rules("ppo", divergence.vocab_size(state.roles.lm.model), divergence.lr_fix(lr, default_lr))
-    watch = divergence.watch(state.trained, rules, emit=emit, stop=stop, cfg=cfg, acc=acc, step=state.step)
+    trained = sharding.trained(acc, module, state.trained)  # under FSDP2: the sharded weights the optimizer steps
+    watch = divergence.watch(trained, rules, emit=emit, stop=stop, cfg=cfg, acc=acc, step=state.step)
     return PPORun(module, optimizer, acc, state, cfg, emit, stop, share, watch=watch)
 
 
