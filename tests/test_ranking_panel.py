@@ -833,3 +833,33 @@ def test_replace_with_nothing_changed_writes_nothing(path):
     p.back()
     p.submit([2, 0, 1, 3], comment="changed")  # a change is saved, replacing the first
     assert len(lines(path)) == 2 and lines(path)[1]["replaces"] == lines(path)[0]["id"]
+
+
+@pytest.mark.parametrize("call", ["sample", "logprobs", "score"])
+def test_a_direct_call_waits_for_the_model_lock_before_switching_adapters(pairs, call):
+    """A policy or reward model used from the notebook while a panel samples in the background waits for the
+    models: it must not switch the shared base model's adapters under the batch in progress."""
+    from rlhf_magic import api
+    from rlhf_magic.engine.adapters import use_adapter
+
+    a = api.sft("lock_a", model="tiny", data=pairs, max_steps=1, progress=False)
+    if call == "score":
+        b = api.reward("lock_rm", model=a, data=[{"prompt": "p", "chosen": "x", "rejected": "y"}] * 4, progress=False)
+    else:
+        b = api.sft("lock_b", model=a, data=pairs, max_steps=1, progress=False)  # its adapter on a's model
+    assert a.lm is b.lm and a.adapter != b.adapter
+    run = {
+        "sample": lambda: b.sample(["Say hi."], 1, max_new_tokens=2, seed=0),
+        "logprobs": lambda: b.logprobs(["Say hi."], ["hi"]),
+        "score": lambda: b.score(["Say hi."], ["hi"]),
+    }[call]
+    done: list = []
+    tuner = a.lm.peft.base_model
+    with generation.MODEL_LOCK, use_adapter(a.lm, a.adapter):  # what the background sampler holds for a batch
+        waiting = threading.Thread(target=lambda: done.append(run()))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive() and not done  # it waits for the lock...
+        assert list(tuner.active_adapters) == [a.adapter]  # ...without touching the adapters in use
+    waiting.join(60)
+    assert done and list(tuner.active_adapters) != [b.adapter]
