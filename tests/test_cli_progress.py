@@ -30,14 +30,9 @@ class Terminal(io.StringIO):
 
 
 def _config(tmp_path: Path, pairs: list[dict], steps: int = 3) -> Path:
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    cfg = tmp_path / "sft.toml"
-    cfg.write_text(
-        f'model = "tiny"\ndata = "{data}"\nmax_steps = {steps}\nbatch_size = 4\nlr = 0.003\neval_fraction = 0\n'
-        f'output_dir = "{tmp_path / "out"}"\n[lora]\nr = 4\n'
-    )
-    return cfg
+    from test_cli import _write  # the same tiny SFT config, stopped after `steps` steps
+
+    return _write(tmp_path, pairs, f"max_steps = {steps}\n")
 
 
 def _run(tmp_path: Path, pairs: list[dict], stream: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> str:
