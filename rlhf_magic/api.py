@@ -182,27 +182,37 @@ def dpo(
     return handle
 
 
-def _dpo_config(cfg: DPOConfig, session: Any) -> DPOConfig:
-    """The policy (default: the latest SFT result) and the data are there, and each is of a kind DPO takes."""
+def _with_sft_policy(cfg: Any, session: Any) -> Any:
+    """`cfg` with `policy` defaulting to the session's latest SFT result (DPO, PPO, GRPO)."""
     import dataclasses
 
+    if cfg.policy is not None:
+        return cfg
+    latest = session.latest("policy", "sft") if session is not None else None
+    if latest is None:
+        raise ConfigError(
+            "policy is not set and this session has no SFT result yet; run %%sft first or set "
+            "policy = <a policy handle>"
+        )
+    return dataclasses.replace(cfg, policy=latest)
+
+
+def _check_policy(key: str, value: Any) -> None:
     from .engine.handles import PolicyHandle
 
-    if cfg.policy is None:
-        latest = session.latest("policy", "sft") if session is not None else None
-        if latest is None:
-            raise ConfigError(
-                "policy is not set and this session has no SFT result yet; run %%sft first or set "
-                "policy = <a policy handle>"
-            )
-        cfg = dataclasses.replace(cfg, policy=latest)
+    if not isinstance(value, (PolicyHandle, str)):
+        raise ConfigError(
+            f"{key} = {value!r} is not valid; expected a policy handle (from %%sft, or "
+            f"rlhf_magic.load_policy(...)) or the folder of a saved policy"
+        )
+
+
+def _dpo_config(cfg: DPOConfig, session: Any) -> DPOConfig:
+    """The policy (default: the latest SFT result) and the data are there, and each is of a kind DPO takes."""
+    cfg = _with_sft_policy(cfg, session)
     for key in ("policy", "reference"):
-        value = getattr(cfg, key)
-        if value is not None and not isinstance(value, (PolicyHandle, str)):
-            raise ConfigError(
-                f"{key} = {value!r} is not valid; expected a policy handle (from %%sft, or "
-                f"rlhf_magic.load_policy(...)) or the folder of a saved policy"
-            )
+        if getattr(cfg, key) is not None:
+            _check_policy(key, getattr(cfg, key))
     if cfg.revision is not None and not isinstance(cfg.policy, str):
         raise ConfigError(
             f"revision = {cfg.revision!r} applies to a hub model id, not to the policy {cfg.policy.name!r}"
@@ -265,23 +275,8 @@ def ppo(
 
 
 def _ppo_config(cfg: PPOConfig, session: Any) -> PPOConfig:
-    import dataclasses
-
-    from .engine.handles import PolicyHandle
-
-    if cfg.policy is None:
-        latest = session.latest("policy", "sft") if session is not None else None
-        if latest is None:
-            raise ConfigError(
-                "policy is not set and this session has no SFT result yet; run %%sft first or set "
-                "policy = <a policy handle>"
-            )
-        cfg = dataclasses.replace(cfg, policy=latest)
-    if not isinstance(cfg.policy, (PolicyHandle, str)):
-        raise ConfigError(
-            f"policy = {cfg.policy!r} is not valid; expected a policy handle (from %%sft, or "
-            f"rlhf_magic.load_policy(...)) or the folder of a saved policy"
-        )
+    cfg = _with_sft_policy(cfg, session)
+    _check_policy("policy", cfg.policy)
     if cfg.reward is None:
         raise ConfigError(
             "reward is required: a reward handle from %%reward, a callable f(prompts, responses), the folder of a "
