@@ -60,7 +60,11 @@ CHECKS = {
     ],
     "02_label_preferences": [
         "_fig = {'pairs': len(pairs), 'rankings': len(prefs), 'agreement': {' vs '.join(k): v for k, v in"
-        " agreement.by_labelers.items()}, 'rm_acc': [acc, low, high, n]}",
+        " agreement.by_labelers.items()}, 'rm_acc': [acc, low, high, n],"
+        " 'sft_style': [before_done, after_done, before_words, after_words]}",
+        # "After SFT more answers end as a finished sentence, and they are shorter" (before and after, issue 20)
+        "assert after_done > before_done and after_words < before_words,"
+        " (before_done, after_done, before_words, after_words)",
         # "6 per ranking"
         "assert len(pairs) == 6 * len(prefs) > 0, (len(pairs), len(prefs))",
         # "Alice and Bob ... agree far more often than either does with Carol"
@@ -110,6 +114,14 @@ CHECKS = {
         # "Alice's policy ends up writing shorter answers than the SFT model, and Bob's longer ones than Alice's"
         "assert lengths['ppo_alice'] < lengths['sft'], lengths",
         "assert lengths['ppo_bob'] > lengths['ppo_alice'], lengths",
+    ],
+    "06_dpo_grpo": [
+        "_fig = {'tested': tested, 'mean_score': mean_score, 'chars': chars, 'words': words,"
+        " 'seconds': dict(zip(needed['stage'], needed['seconds'])), 'memory': meter.cells,"
+        " 'models': {h.name: models_in_memory(h) for h in (ppo, dpo, grpo)},"
+        " 'ppo': {k: ppo.metrics[k] for k in ('ppo/objective/scores', 'ppo/response/length')},"
+        " 'grpo': {k: grpo.metrics[k] for k in ('grpo/reward', 'grpo/completions/mean_length')},"
+        " 'dpo': dpo.metrics.summary}",
     ],
 }
 
