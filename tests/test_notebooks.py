@@ -28,6 +28,7 @@ CASES = [
     for seed in SEEDS
 ]
 FIGURES = "FIGURES "  # the first check cell prints the run's figures on one line (json), for the test log
+LIVE = ("%%sft", "%%reward", "%%dpo", "%%ppo", "%%grpo")  # the cells whose live plot is updated in place
 
 # The claims each tutorial's text makes, checked on the run itself (appended as extra cells before execution). The
 # first cell prints the figures the claims rest on; each later cell asserts one claim (the sentence in the comment).
@@ -117,11 +118,31 @@ CHECKS = {
     ],
     "06_dpo_grpo": [
         "_fig = {'tested': tested, 'mean_score': mean_score, 'chars': chars, 'words': words,"
-        " 'seconds': dict(zip(needed['stage'], needed['seconds'])), 'memory': meter.cells,"
-        " 'models': {h.name: models_in_memory(h) for h in (ppo, dpo, grpo)},"
-        " 'ppo': {k: ppo.metrics[k] for k in ('ppo/objective/scores', 'ppo/response/length')},"
-        " 'grpo': {k: grpo.metrics[k] for k in ('grpo/reward', 'grpo/completions/mean_length')},"
-        " 'dpo': dpo.metrics.summary}",
+        " 'seconds': dict(zip(needed['result'], needed['seconds'])), 'sampled': dict(zip(needed['result'],"
+        " needed['answers sampled'])), 'memory': meter.cells, 'ppo': ppo.metrics['ppo/objective/scores'],"
+        " 'grpo': grpo.metrics['grpo/reward'], 'dpo': dpo.metrics.summary}",
+        # "one set of 28 SIMULATED rankings (168 comparisons)"
+        "assert len(train_prefs) == 28 and len(train_prefs.to_pairs()) == 168, len(train_prefs)\n"
+        "assert all(r['labeler'].startswith('sim:') for r in train_prefs.records)",
+        # the reward model and DPO are tested on the 12 rankings neither saw, each with an interval that contains it
+        "assert all(n == len(rm_check) == 12 and lo <= acc <= hi for acc, (lo, hi), n in tested.values()), tested",
+        # "all three policies write shorter answers than the SFT model"
+        "assert max(chars['ppo'], chars['dpo'], chars['grpo']) < chars['sft'], chars",
+        # "PPO and GRPO went much further than DPO: ... under half of DPO's"
+        "assert max(chars['ppo'], chars['grpo']) < chars['dpo'] / 2, chars",
+        # "the reward model scores them far above SFT's, while its score of DPO's answers stays closer to SFT's"
+        "_gain = {k: mean_score[k] - mean_score['sft'] for k in ('ppo', 'dpo', 'grpo')}\n"
+        "assert min(_gain['ppo'], _gain['grpo']) > max(abs(_gain['dpo']), 0.5), _gain",
+        # "their reward rose on their dashboards" (the first 3 steps against the last 3)
+        "_rose = lambda xs: sum(xs[-3:]) / 3 > sum(xs[:3]) / 3\n"
+        "assert _rose(ppo.metrics['ppo/objective/scores']) and _rose(grpo.metrics['grpo/reward'])",
+        # "PPO held four roles (policy, reference, reward model, value head), GRPO three (no value head), DPO two"
+        "_roles = {h.name: models_in_memory(h) for h in (ppo, grpo, dpo)}\n"
+        "assert [len(_roles[k]) for k in ('ppo', 'grpo', 'dpo')] == [4, 3, 2], _roles\n"
+        "assert 'value head' in _roles['ppo'] and 'value head' not in _roles['grpo'], _roles\n"
+        "assert not any(r.startswith('reward') for r in _roles['dpo']), _roles",
+        # "DPO ... learned offline" (the table: answers sampled)
+        "assert dict(zip(needed['result'], needed['answers sampled']))['dpo'] == 0, needed",
     ],
 }
 
@@ -166,7 +187,7 @@ def test_notebook_runs_without_error_cells(book, seed, tmp_path, monkeypatch):
     errors = _outputs(executed, "error")
     assert not errors and failure is None, errors[0].get("evalue") if errors else failure
     for cell in executed.cells:
-        if cell.cell_type == "code" and cell.source.lstrip().startswith(("%%sft", "%%reward", "%%ppo")):
+        if cell.cell_type == "code" and cell.source.lstrip().startswith(LIVE):
             images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
             assert 1 <= len(images) <= 2, f"live plot not updated in place in {book.name}: {len(images)} images"
 
