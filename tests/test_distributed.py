@@ -117,10 +117,10 @@ def test_reward_report_scores_are_split_over_two_ranks_and_equal_one_process():
 
 def test_each_rank_draws_its_own_prompts_and_seed_and_one_process_is_unchanged():
     from rlhf_magic.engine import ranks
-    from rlhf_magic.engine.ppo import _prompt_order
+    from rlhf_magic.engine.online import prompt_order
 
     prompts = [f"p{i}" for i in range(10)]
-    order = _prompt_order(len(prompts), 3)
+    order = prompt_order(len(prompts), 3)
     one = FakeRank(0, processes=1)
     for step in range(4):  # one process: the slice it always took, and the seed it always used
         assert ranks.prompt_batch(prompts, order, step, 4, one) == [

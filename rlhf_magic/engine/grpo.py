@@ -1,6 +1,6 @@
 """GRPO and RLOO: G answers to every prompt, each judged against the others of its group; no value model.
 
-The roles are PPO's, on one base (engine/ppo.py: new_roles): the policy is a new adapter stacked on the SFT adapter,
+The roles are PPO's, on one base (engine/online.py: new_roles): the policy is a new adapter stacked on the SFT adapter,
 the reference is the SFT adapter alone (beta = 0 skips it), a reward model on the same base is one more adapter.
 A step, after the numbered steps of engine/rollout.py:
 
@@ -11,15 +11,14 @@ A step, after the numbered steps of engine/rollout.py:
    the batch's. The first iteration's forward passes, before any update, give the old logprobs: no extra pass.
 
 A group whose rewards are all equal has advantages 0: it is counted (grpo/frac_reward_zero_std, the summary) and
-a step in which every group is so gets a warning. Stop, resume, the divergence watch, the memory check, several
-processes (ranks.py) and sharded weights (sharding.py) work as in PPO.
+a step in which every group is so gets a warning. The run's loop (stop, resume, the divergence watch, several
+processes, sharded weights) is engine/online.py's, shared with PPO.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,21 +28,18 @@ from torch import nn
 
 from .. import ops, ops_group
 from ..config import GRPOConfig
-from ..data import read_prompts
 from ..errors import ConfigError
 from ..events import Callback, Emitter, StopControl
-from . import divergence, fastpath, memory, ranks, sharding
+from . import divergence, fastpath, memory, online, ranks, sharding
 from . import rollout as R
-from .adapters import train_only, use_adapter
 from .generation import check_new_tokens, encode_prompts
 from .grpo_monitor import AS_PPO, reduce_row, sample_rows, step_metrics, summary, warnings_after
 from .handles import PolicyHandle
-from .loop import MAX_SKIPPED_STEPS, checkpointing, loss_scaler, make_optimizer, skip_reason
+from .loop import MAX_SKIPPED_STEPS, checkpointing
 from .models import LoadedModel
 from .modules import OverModel, head_logprobs, response_hidden
-from .ppo import _optimizer_step, _prompt_order, _rows, new_roles, reward_name
-from .ppo_monitor import Monitor, skipped_steps_warning
-from .runtime import Runtime, in_runtime_scope, seed_everything
+from .ppo_monitor import Monitor
+from .runtime import Runtime, in_runtime_scope
 
 
 @dataclass
@@ -103,24 +99,7 @@ class Rules(divergence.Rules):
             yield kind, text, fix.replace("kl_coef", "beta")
 
 
-@dataclass
-class GRPORun:
-    """What every step of one run shares (the attributes ppo._optimizer_step reads are PPORun's)."""
-
-    module: PolicyLogprobs
-    optimizer: Any
-    acc: Any
-    state: GRPOState
-    cfg: GRPOConfig
-    emit: Emitter
-    stop: StopControl
-    share: float = 1.0  # the share of the layers that run with gradients (above a shared frozen prefix)
-    skipped: int = 0  # optimizer steps skipped in a row (gradients not finite)
-    watch: divergence.Watch | None = None
-
-    @property
-    def roles(self) -> R.Roles:
-        return self.state.roles
+GRPORun = online.Run  # what every step of one run shares (engine/online.py)
 
 
 @in_runtime_scope
@@ -132,66 +111,25 @@ def train_grpo(
     stop: StopControl | None = None,
     previous: GRPOHandle | None = None,
 ) -> GRPOHandle:
-    stop = stop or StopControl()
-    emit = Emitter("grpo", callbacks)
-    seed_everything(cfg.seed)
-    # 1. prompts, roles (policy / reference / reward on one base) and the trainable weights
-    prompts = read_prompts(cfg.prompts)
-    check_memory(cfg, prompts, runtime, previous)  # the update fits: refused before anything is set up
-    handle = previous if previous is not None else _new_handle(cfg, name, runtime)
-    state, roles = handle.grpo, handle.grpo.roles
-    train_only(roles.lm.model, state.trained)
-    roles.depth = fastpath.prefix_depth(roles.lm.model, roles.adapters)  # after train_only: the trainables are known
-    # 2. optimizer (restored on resume) and accelerate
-    run = _prepare(cfg, runtime, state, emit, stop)
-    emit.total = state.step + cfg.steps
-    emit("start", state.step, payload={"config": cfg, "prompts": len(prompts), "handle": handle})
-    order = _prompt_order(len(prompts), cfg.seed + state.step)
-    try:
-        with stop.catch_interrupt(), use_adapter(roles.lm, handle.adapter), fastpath.lean_layers(mlp=True):
-            # 3. the loop: one rollout of batch_size groups and its updates per step
-            for _ in range(cfg.steps):
-                batch = ranks.prompt_batch(prompts, order, state.step, cfg.batch_size, run.acc)
-                row = reduce_row(run.acc, grpo_step(run, batch))  # the mean over processes
-                if row is None:
-                    break
-                for warning in warnings_after(run, row):
-                    emit("warning", state.step + 1, payload=warning)
-                state.step += 1
-                handle.metrics.log(state.step, row)
-                emit("step", state.step, row)
-                if run.watch.check(state.step, row) or stop.requested:
-                    break
-    finally:
-        train_only(roles.lm.model, [])
-        state.optimizer_state = run.optimizer.state_dict()
-        if run.watch.kept is not None:  # diverged: a resumed run goes on from the last good policy, Adam afresh
-            state.step, state.optimizer_state = run.watch.kept, None
-        sharding.release(run.acc, run.module)  # FSDP2: the whole trained weights, back in the model's parameters
-        run.acc.free_memory()
-    # 4. the result
-    handle.metrics.summary.update({**summary(handle, stop), **run.watch.summary()})
-    emit("end", state.step, payload={"reason": stop.reason or "done"})
-    if cfg.output_dir and runtime.is_main_process:
-        handle.save(cfg.output_dir, overwrite=True)  # a re-run of the stage replaces its own output
-    return handle
+    """A GRPO (or RLOO) run: the online loop of engine/online.py with GRPO's step, resumable from `previous`."""
+    method = online.Method(
+        "grpo",
+        state=lambda handle: handle.grpo,
+        check_memory=check_memory,
+        new_handle=_new_handle,
+        prepare=_prepare,
+        step=grpo_step,
+        reduce=lambda run, row: reduce_row(run.acc, row),
+        warnings=warnings_after,
+        summary=summary,
+    )
+    return online.train(method, cfg, name, runtime, callbacks=callbacks, stop=stop, previous=previous)
 
 
 def _prepare(cfg: GRPOConfig, runtime: Runtime, state: GRPOState, emit: Emitter, stop: StopControl) -> GRPORun:
-    default_lr, acc = 1e-4 if cfg.lora else 3e-6, runtime.accelerator(1)
-    lr = cfg.lr or default_lr
-    optimizer = make_optimizer(state.trained, lr, runtime.device)
-    if state.optimizer_state:
-        optimizer.load_state_dict(state.optimizer_state)
     rows = cfg.micro_batch_size or cfg.batch_size * cfg.num_generations
-    with warnings.catch_warnings():  # transformers 5 deprecation chatter from accelerate's model checks
-        warnings.simplefilter("ignore", FutureWarning)
-        module, optimizer = sharding.prepare(acc, PolicyLogprobs(state.roles.lm.model), optimizer, batch_size=rows)
-    share = fastpath.trained_share(state.roles.lm.model, state.roles.depth)
-    rules = Rules("ppo", divergence.vocab_size(state.roles.lm.model), divergence.lr_fix(lr, default_lr))
-    trained = sharding.trained(acc, module, state.trained)  # FSDP2: the sharded ones, which the optimizer steps
-    watch = divergence.watch(trained, rules, emit=emit, stop=stop, cfg=cfg, acc=acc, step=state.step)
-    return GRPORun(module, optimizer, acc, state, cfg, emit, stop, share, watch=watch)
+    module = PolicyLogprobs(state.roles.lm.model)
+    return online.prepare(cfg, runtime, state, emit, stop, module=module, batch_size=rows, rules=Rules)
 
 
 def grpo_step(run: GRPORun, prompts: list[str]) -> dict[str, float] | None:
@@ -204,7 +142,7 @@ def grpo_step(run: GRPORun, prompts: list[str]) -> dict[str, float] | None:
     seed = ranks.sampling_seed(cfg.seed, state.step, run.acc)
     rows = [p for p in prompts for _ in range(cfg.num_generations)]  # a group's answers are consecutive
     with sharding.whole_weights(run.acc, run.module):  # FSDP2 / ZeRO-3: forwards that differ between processes
-        ro = _sample(run, rows, seed)
+        ro = online.sample(run, rows, seed)
         if ro is None:
             return None
         t_gen = time.monotonic() - t0
@@ -212,7 +150,7 @@ def grpo_step(run: GRPORun, prompts: list[str]) -> dict[str, float] | None:
         if cfg.beta > 0:
             ro.ref_logprobs = R.reference_logprobs(roles, ro, cfg.temperature)
         R.score(roles, ro, cfg.missing_eos_penalty)
-    if _bad_scores(run, ro):
+    if online.bad_scores(run, ro):
         return None
     # 3. each answer against its group
     groups = ops_group.group_advantages(
@@ -227,38 +165,8 @@ def grpo_step(run: GRPORun, prompts: list[str]) -> dict[str, float] | None:
         return None
     row = step_metrics(ro, groups, stats, time.monotonic() - t0, t_gen)
     run.emit("samples", state.step + 1, payload=sample_rows(ro, cfg.num_generations))
-    notes = skipped_steps_warning(stats, scaled=loss_scaler(run.acc) is not None)
-    if run.skipped >= MAX_SKIPPED_STEPS:  # skipped steps left the weights alone
-        run.watch.stopped(state.step + 1, skip_reason(run.acc, run.skipped, "the policy from before them"))
-        notes.append(run.stop.reason)
-    for warning in notes:
-        run.emit("warning", state.step + 1, payload=warning)
+    online.skipped_step_warnings(run, stats)
     return row
-
-
-def _sample(run: GRPORun, rows: list[str], seed: int) -> R.Rollout | None:
-    """Step 1, or None where the policy's next-token probabilities were not finite in some process: the run stops
-    with the policy from before the update that made them."""
-    try:
-        ro, what = R.generate(run.roles, rows, run.cfg, seed=seed), ""
-    except divergence.NonFiniteError as e:
-        ro, what = None, e.value
-    if ranks.any_rank(run.acc, ro is None):  # every process stops together, or DDP would wait forever
-        return run.watch.diverged(run.state.step + 1, "the next-token probabilities", what or "non-finite elsewhere")
-    return ro
-
-
-def _bad_scores(run: GRPORun, ro: R.Rollout) -> bool:
-    """True (the run stops, in every process together) where a score is not finite or the reward raised (then its
-    own one-line error)."""
-    bad = R.first_bad_score(ro.scores)
-    if not ranks.any_rank(run.acc, bad is not None):
-        return False
-    where = R.bad_score(ro, bad) or "not finite (or raised) in another process"
-    step = run.state.step
-    run.watch.stopped(step, f"the reward was {where}; the result keeps the policy of step {step} "
-                      "(a reward must be a finite number)")  # fmt: skip
-    return True
 
 
 def update(run: GRPORun, ro: R.Rollout) -> dict[str, list[float]]:
@@ -278,7 +186,7 @@ def update(run: GRPORun, ro: R.Rollout) -> dict[str, list[float]]:
     for iteration in range(cfg.num_iterations):
         rows: dict[str, float] = {}
         for idx in torch.arange(n, device=ro.mask.device).split(micro):
-            chunk = _rows(ro, idx)
+            chunk = online.rows_of(ro, idx)
             with acc.autocast(), fastpath.chunk(acc.device):
                 lp, ent = run.module(chunk.input_ids, chunk.attention_mask, ro.start, chunk.prefix,
                                      temperature=cfg.temperature, entropy=iteration == 0)  # fmt: skip
@@ -291,7 +199,7 @@ def update(run: GRPORun, ro: R.Rollout) -> dict[str, list[float]]:
             )  # fmt: skip
             acc.backward(part.loss * scale)
             _add_chunk_stats(rows, part, ent, chunk.mask, float(chunk.mask.sum() / local.clamp_min(1)))
-        _optimizer_step(run, rows)
+        online.optimizer_step(run, rows)
         for key, val in rows.items():
             stats.setdefault(key, []).append(val)
         if run.skipped >= MAX_SKIPPED_STEPS:
@@ -351,7 +259,7 @@ def check_memory(cfg: GRPOConfig, prompts: list[str], runtime: Any, previous: GR
 
 
 def _new_handle(cfg: GRPOConfig, name: str, runtime: Runtime) -> GRPOHandle:
-    roles, policy, trained = new_roles(cfg, name, runtime, "grpo")
-    parents = (cfg.policy.name, reward_name(cfg.reward))
+    roles, policy, trained = online.new_roles(cfg, name, runtime, "grpo")
+    parents = (cfg.policy.name, online.reward_name(cfg.reward))
     state = GRPOState(roles, trained)
     return GRPOHandle(name, roles.lm, state=state, runtime=runtime, adapter=policy, config=cfg, parents=parents)
