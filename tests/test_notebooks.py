@@ -80,8 +80,12 @@ CHECKS = {
         "_m = ppo.metrics\n"
         "_cmp = rlhf_magic.compare(sft, ppo, held_out, reward=rm, max_new_tokens=ANSWER_TOKENS).mean_scores\n"
         "_fig = {'rm_acc': [acc, low, high, n_check], 'rm_train_acc': rm.accuracy, 'compare': _cmp,"
-        " 'win': blind.win_rate().rate, **{k: _m[f'ppo/{k}'] for k in"
+        " 'win': blind.win_rate().rate, 'sft_style': [before_first, after_first, before_short, after_short],"
+        " **{k: _m[f'ppo/{k}'] for k in"
         " ('objective/scores', 'objective/kl', 'response/eos_rate', 'response/length')}}",
+        # "After SFT the first sentence is shorter on average and more answers open with a short answer" (issue 20)
+        "assert after_first < before_first and after_short > before_short,"
+        " (before_first, after_first, before_short, after_short)",
         # the reward model is tested on the 12 rankings it never saw, and the interval printed with it contains it
         "assert n_check == len(rm_check) == 12 and low <= acc <= high, (acc, low, high, n_check)",
         # "score rising" (the dashboard); "PPO raised its score on its own answers (the table: first 3 steps ...)"
@@ -107,7 +111,10 @@ CHECKS = {
     ],
     "05_whose_preferences": [
         "_fig = {'agreement': agreement.rate, 'accuracy': {' on '.join(k): v for k, v in accuracy.items()},"
-        " 'lengths': lengths}",
+        " 'lengths': lengths, 'sft_style': [before_done, after_done, before_words, after_words]}",
+        # "After SFT more answers end as a finished sentence and they are shorter" (before and after, issue 20)
+        "assert after_done > before_done and after_words < before_words,"
+        " (before_done, after_done, before_words, after_words)",
         # "They disagree on most pairs"
         "assert agreement.rate < 0.5, agreement",
         # "rm_alice orders most of Alice's unseen pairs her way"
@@ -120,7 +127,11 @@ CHECKS = {
         "_fig = {'tested': tested, 'mean_score': mean_score, 'chars': chars, 'words': words,"
         " 'seconds': dict(zip(needed['result'], needed['seconds'])), 'sampled': dict(zip(needed['result'],"
         " needed['answers sampled'])), 'memory': meter.cells, 'ppo': ppo.metrics['ppo/objective/scores'],"
-        " 'grpo': grpo.metrics['grpo/reward'], 'dpo': dpo.metrics.summary}",
+        " 'grpo': grpo.metrics['grpo/reward'], 'dpo': dpo.metrics.summary,"
+        " 'sft_style': [before_first, after_first, before_short, after_short]}",
+        # "After SFT the first sentence is shorter on average and more answers open with a short answer" (issue 20)
+        "assert after_first < before_first and after_short > before_short,"
+        " (before_first, after_first, before_short, after_short)",
         # "one set of 28 SIMULATED rankings (168 comparisons)"
         "assert len(train_prefs) == 28 and len(train_prefs.to_pairs()) == 168, len(train_prefs)\n"
         "assert all(r['labeler'].startswith('sim:') for r in train_prefs.records)",
