@@ -3,9 +3,10 @@
     python bench/gpu_check.py                  # on a CUDA GPU: under 5 minutes on one H100
     python bench/gpu_check.py --device cpu --quick   # a smoke run of this script on a CPU (fp32 and bf16, toy shapes)
 
-1. Invariants, on the tiny model, for each precision: SFT -> reward -> PPO runs with finite losses, PPO's KL is 0 at
-   its first step (policy and reference are the same weights), and every trainable parameter of each stage changed
-   (the checks tests/ make on a CPU).
+1. Invariants, on the tiny model, for each precision: SFT -> reward -> PPO, and DPO and GRPO from the same SFT
+   model, run with finite losses; at their first step PPO's and GRPO's KL is 0 and DPO's loss is log 2 (policy and
+   reference are the same weights); and every trainable parameter of each stage changed (the checks tests/ make on a
+   CPU).
 2. Timings, on randomly initialised models with the shapes of SmolLM2-135M and Qwen2.5-0.5B (nothing is
    downloaded; the tiny model's byte-level tokenizer feeds them): SFT tokens/s, reward ranked prompts/s, PPO seconds
    per step and generated tokens/s, peak CUDA memory per stage, and the train phase's model FLOPs utilisation
@@ -94,14 +95,21 @@ class Recorder:
 
 
 def invariants(precision: str, device: str) -> dict[str, bool]:
-    """SFT -> reward -> PPO on the tiny model in `precision`: the CPU tests' invariants."""
+    """SFT -> reward -> PPO, and DPO and GRPO from the same SFT model, on the tiny model in `precision`: the CPU
+    tests' invariants."""
     kw = {"precision": precision, "device": device, "progress": False}
-    rec = [Recorder() for _ in range(3)]
+    rec = [Recorder() for _ in range(5)]
     sft = api.sft(f"sft-{precision}", model="tiny", data=demos(32), max_steps=6, lr=3e-3, callbacks=[rec[0]], **kw)
     rm = api.reward(f"rm-{precision}", model=sft, data=rankings(16), max_steps=4, lr=1e-3, callbacks=[rec[1]], **kw)
     ppo = api.ppo(f"ppo-{precision}", policy=sft, reward=rm, prompts=[f"Say {i}" for i in range(16)], steps=3,
                   batch_size=8, mini_batch_size=8, max_new_tokens=12, lr=1e-3, callbacks=[rec[2]], **kw)  # fmt: skip
+    dpo = api.dpo(f"dpo-{precision}", policy=sft, data=rankings(16), max_steps=3, batch_size=4, lr=1e-3,
+                  eval_fraction=0, callbacks=[rec[3]], **kw)  # fmt: skip
+    grpo = api.grpo(f"grpo-{precision}", policy=sft, reward=rm, prompts=[f"Say {i}" for i in range(16)], steps=3,
+                    batch_size=4, num_generations=4, max_new_tokens=12, lr=1e-3, callbacks=[rec[4]], **kw)  # fmt: skip
     first_kl = rec[2].rows[0]["ppo/objective/kl"] if rec[2].rows else math.nan
+    first_dpo = rec[3].rows[0]["train/loss"] if rec[3].rows else math.nan  # policy = reference: log 2
+    first_grpo_kl = rec[4].rows[0]["grpo/kl"] if rec[4].rows else math.nan
     return {
         "sft_loss_finite": rec[0].finite("train/loss"),
         "reward_loss_finite": rec[1].finite("train/loss"),
@@ -111,6 +119,12 @@ def invariants(precision: str, device: str) -> dict[str, bool]:
         "reward_every_param_changed": rec[1].changed(rm),
         "ppo_every_param_changed": rec[2].changed(ppo),
         "ppo_steps": len(rec[2].rows) == 3,
+        "dpo_loss_finite": rec[3].finite("train/loss"),
+        "dpo_loss_log2_at_step_1": abs(first_dpo - math.log(2)) < 1e-2,
+        "dpo_every_param_changed": rec[3].changed(dpo),
+        "grpo_loss_finite": rec[4].finite("grpo/loss"),
+        "grpo_kl_zero_at_step_1": abs(first_grpo_kl) < 1e-3,
+        "grpo_every_param_changed": rec[4].changed(grpo),
     }
 
 

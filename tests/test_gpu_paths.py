@@ -400,3 +400,26 @@ def _rankings(n: int) -> list[dict]:
         order = sorted(range(3), key=lambda j: -answers[j].count("q"))
         out.append({"prompt": f"Say something, {i}.", "responses": answers, "ranking": order})
     return out
+
+
+# ------------------------------------------------------------------------------------------- bench/gpu_check.py
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_and_its_invariants_hold_in_its_cpu_smoke_mode(tmp_path):
+    """bench/gpu_check.py has never had a GPU to run on: its CPU smoke mode (fp32 and bf16, toy shapes) keeps the
+    script itself working, so the first GPU lent runs it rather than debugs it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--quick"], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    stages = ("sft", "reward", "ppo", "dpo", "grpo")
+    for precision in ("fp32", "bf16"):
+        checks = result["checks"][precision]
+        assert all(checks.values()) and {f"{s}_every_param_changed" for s in stages} <= set(checks), checks
+    assert result["ok"] and result["timings"]["toy-shape"]["ppo_step_s"] > 0, result
