@@ -29,6 +29,17 @@ CASES = [
 ]
 FIGURES = "FIGURES "  # the first check cell prints the run's figures on one line (json), for the test log
 LIVE = ("%%sft", "%%reward", "%%dpo", "%%ppo", "%%grpo")  # the cells whose live plot is updated in place
+# Issue 20: the labelling notebooks' "before and after: did the SFT take?" cells. 02 and 05: "After SFT more answers
+# end as a finished sentence and they are shorter"; 03 and 06: "After SFT the first sentence is shorter on average and
+# more answers open with a short answer".
+FINISHED_AND_SHORTER = (
+    "assert after_done > before_done and after_words < before_words,"
+    " (before_done, after_done, before_words, after_words)"
+)
+SHORTER_OPENING = (
+    "assert after_first < before_first and after_short > before_short,"
+    " (before_first, after_first, before_short, after_short)"
+)
 
 # The claims each tutorial's text makes, checked on the run itself (appended as extra cells before execution). The
 # first cell prints the figures the claims rest on; each later cell asserts one claim (the sentence in the comment).
@@ -63,9 +74,7 @@ CHECKS = {
         "_fig = {'pairs': len(pairs), 'rankings': len(prefs), 'agreement': {' vs '.join(k): v for k, v in"
         " agreement.by_labelers.items()}, 'rm_acc': [acc, low, high, n],"
         " 'sft_style': [before_done, after_done, before_words, after_words]}",
-        # "After SFT more answers end as a finished sentence, and they are shorter" (before and after, issue 20)
-        "assert after_done > before_done and after_words < before_words,"
-        " (before_done, after_done, before_words, after_words)",
+        FINISHED_AND_SHORTER,  # issue 20: SFT's before and after
         # "6 per ranking"
         "assert len(pairs) == 6 * len(prefs) > 0, (len(pairs), len(prefs))",
         # "Alice and Bob ... agree far more often than either does with Carol"
@@ -83,9 +92,7 @@ CHECKS = {
         " 'win': blind.win_rate().rate, 'sft_style': [before_first, after_first, before_short, after_short],"
         " **{k: _m[f'ppo/{k}'] for k in"
         " ('objective/scores', 'objective/kl', 'response/eos_rate', 'response/length')}}",
-        # "After SFT the first sentence is shorter on average and more answers open with a short answer" (issue 20)
-        "assert after_first < before_first and after_short > before_short,"
-        " (before_first, after_first, before_short, after_short)",
+        SHORTER_OPENING,  # issue 20: SFT's before and after
         # the reward model is tested on the 12 rankings it never saw, and the interval printed with it contains it
         "assert n_check == len(rm_check) == 12 and low <= acc <= high, (acc, low, high, n_check)",
         # "score rising" (the dashboard); "PPO raised its score on its own answers (the table: first 3 steps ...)"
@@ -112,9 +119,7 @@ CHECKS = {
     "05_whose_preferences": [
         "_fig = {'agreement': agreement.rate, 'accuracy': {' on '.join(k): v for k, v in accuracy.items()},"
         " 'lengths': lengths, 'sft_style': [before_done, after_done, before_words, after_words]}",
-        # "After SFT more answers end as a finished sentence and they are shorter" (before and after, issue 20)
-        "assert after_done > before_done and after_words < before_words,"
-        " (before_done, after_done, before_words, after_words)",
+        FINISHED_AND_SHORTER,  # issue 20: SFT's before and after
         # "They disagree on most pairs"
         "assert agreement.rate < 0.5, agreement",
         # "rm_alice orders most of Alice's unseen pairs her way"
@@ -129,9 +134,7 @@ CHECKS = {
         " needed['answers sampled'])), 'memory': meter.cells, 'ppo': ppo.metrics['ppo/objective/scores'],"
         " 'grpo': grpo.metrics['grpo/reward'], 'dpo': dpo.metrics.summary,"
         " 'sft_style': [before_first, after_first, before_short, after_short]}",
-        # "After SFT the first sentence is shorter on average and more answers open with a short answer" (issue 20)
-        "assert after_first < before_first and after_short > before_short,"
-        " (before_first, after_first, before_short, after_short)",
+        SHORTER_OPENING,  # issue 20: SFT's before and after
         # "one set of 28 SIMULATED rankings (168 comparisons)"
         "assert len(train_prefs) == 28 and len(train_prefs.to_pairs()) == 168, len(train_prefs)\n"
         "assert all(r['labeler'].startswith('sim:') for r in train_prefs.records)",

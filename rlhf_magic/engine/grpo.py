@@ -114,7 +114,6 @@ def train_grpo(
     """A GRPO (or RLOO) run: the online loop of engine/online.py with GRPO's step, resumable from `previous`."""
     method = online.Method(
         "grpo",
-        state=lambda handle: handle.grpo,
         check_memory=check_memory,
         new_handle=_new_handle,
         prepare=_prepare,

@@ -59,8 +59,7 @@ class Run:
 class Method:
     """An online RL method's parts of the loop."""
 
-    stage: str  # the event stream's name: "ppo", "grpo"
-    state: Callable[[Any], Any]  # handle -> its resumable state
+    stage: str  # the event stream's name, and where a handle keeps its resumable state (handle.ppo, handle.grpo)
     check_memory: Callable[..., None]  # (cfg, prompts, runtime, previous): refuse an update that cannot fit
     new_handle: Callable[[Any, str, Runtime], Any]  # (cfg, name, runtime)
     prepare: Callable[..., Run]  # (cfg, runtime, state, emit, stop)
@@ -87,7 +86,7 @@ def train(
     prompts = read_prompts(cfg.prompts)
     method.check_memory(cfg, prompts, runtime, previous)  # the update fits: refused before anything is set up
     handle = previous if previous is not None else method.new_handle(cfg, name, runtime)
-    state = method.state(handle)
+    state = getattr(handle, method.stage)
     roles = state.roles
     train_only(roles.lm.model, state.trained)
     roles.depth = fastpath.prefix_depth(roles.lm.model, roles.adapters)  # after train_only: the trainables are known

@@ -69,7 +69,6 @@ def train_ppo(
     """A PPO run: the online loop of engine/online.py with PPO's step, resumable from `previous`."""
     method = online.Method(
         "ppo",
-        state=lambda handle: handle.ppo,
         check_memory=memory.check_ppo,
         new_handle=_new_handle,
         prepare=_prepare,
