@@ -108,7 +108,8 @@ def reward(
     trust_remote_code: bool = False,
     **settings: Any,
 ) -> Any:
-    """A reward model trained from rankings. Returns a reward handle (`.score`, `.accuracy`, `.save`).
+    """A reward model trained from rankings. Returns a reward handle (`.score`: its logits; `.reward`: normalised, what
+    PPO and GRPO optimise; `.accuracy`, `.save`).
 
     `model` defaults to the session's latest SFT result; `data` takes Preferences, a RankingPanel, ranking
     records, prompt/chosen/rejected pairs, a Dataset, a DataFrame or a path. `trust_remote_code` as in `sft`.

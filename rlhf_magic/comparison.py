@@ -260,8 +260,10 @@ def check_policy(policy: Any, side: str) -> None:
 
 
 def reward_function(reward: Any) -> Callable[[list[str], list[str]], Any] | None:
-    """The reward's scoring function: a handle's `.score`, or the callable itself."""
-    score = getattr(reward, "score", None)
+    """The reward's scoring function: a handle's `.reward` (what PPO optimised; else its `.score`), or the callable
+    itself."""
+    score = getattr(reward, "reward", None)
+    score = score if callable(score) else getattr(reward, "score", None)
     score = score if callable(score) else reward
     if score is not None and not callable(score):
         raise ConfigError(f"reward = {_short(reward)} is not a reward: pass a %%reward result or f(prompts, responses)")

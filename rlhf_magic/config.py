@@ -122,7 +122,7 @@ class RewardConfig:
     margin: float = setting(0.0, "required score gap between better and worse answers in the loss", check=FINITE)
     include_flagged: bool = setting(False, "also learn from prompts flagged 'all answers are bad or unsafe'")
     normalize: bool | Literal["gain"] = setting(
-        True, "after training shift scores to mean 0 on SFT samples ('gain': also scale to std 1)"
+        True, "rewards (what PPO optimises) are scores shifted to mean 0 on SFT samples ('gain': and scaled to std 1)"
     )
     seed: int = setting(0, "seed for data order, the eval split and head init")
     lora: LoraConfig | None = setting(LoraConfig(), "LoRA settings; `lora = False` trains the whole backbone")

@@ -256,18 +256,30 @@ def test_compare_magic(ip, policies, monkeypatch):
         assert "\n" not in str(res.error_in_exec)
 
 
-def test_a_reward_handle_is_scored_through_its_score_method(policies):
-    class Handle:  # the RewardHandle interface: .name and .score(prompts, responses)
+def test_a_reward_handle_is_scored_through_its_reward_method_and_else_its_score_method(policies):
+    class Handle:  # the RewardHandle interface: .name, .score (logits) and .reward (what PPO optimises)
         name = "rm"
 
         def score(self, prompts, responses):
+            raise AssertionError("compare must call .reward when there is one")
+
+        def reward(self, prompts, responses):
             return [-float(len(r)) for r in responses]
 
         def __call__(self, prompts, responses):
-            raise AssertionError("compare must call .score")
+            raise AssertionError("compare must call .reward")
 
     cmp = compare(*policies, PROMPTS[:3], Handle(), **FAST)
     assert cmp.reward == "rm" and [r.score_b for r in cmp.rows] == [-len(r.answer_b) for r in cmp.rows]
+
+    class Scorer:  # only .score: another library's reward model, say
+        name = "other"
+
+        def score(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    cmp = compare(*policies, PROMPTS[:3], Scorer(), **FAST)
+    assert [r.score_a for r in cmp.rows] == [len(r.answer_a) for r in cmp.rows]
 
 
 def _helper(n):

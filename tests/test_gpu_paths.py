@@ -9,6 +9,7 @@ scaler, so `_FP16OnCPU` hands it one. The arithmetic stays fp32, so an overflow 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 
@@ -290,8 +291,7 @@ def test_the_value_head_starts_as_the_normalised_reward_model():
     model, tok = tiny_model(seed=1)
     lm, runtime = LoadedModel("tiny", model, tok, "tiny"), Runtime("cpu")
     torch.manual_seed(0)
-    head = make_head(model.config.hidden_size, torch.device("cpu"))
-    torch.nn.init.constant_(head.bias, 0.3)
+    head = make_head(model.config.hidden_size, torch.device("cpu"), bias=False)
     rm = RewardHandle("rm", lm, head, runtime=runtime)
     rm.mean, rm.gain = 1.7, 0.4
     value = R.value_head_for(rm, lm, runtime)
@@ -299,8 +299,28 @@ def test_the_value_head_starts_as_the_normalised_reward_model():
     with torch.no_grad():
         states = hidden_states(model, ids, mask)
         last = states[torch.arange(2), mask.sum(1) - 1]
-        torch.testing.assert_close(value(last).squeeze(-1), rm.score_tokens(ids, mask), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(value(last).squeeze(-1), rm.reward_tokens(ids, mask), rtol=1e-5, atol=1e-6)
     assert value.weight.data_ptr() != head.weight.data_ptr()  # its own weights: training it leaves the reward alone
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_with_the_lambda_that_scores_its_rewards():
+    from rlhf_magic.engine.handles import PolicyHandle
+    from rlhf_magic.engine.reward_model import RewardHandle, make_head
+    from rlhf_magic.errors import ConfigError
+
+    model, tok = tiny_model(seed=1)
+    runtime = Runtime("cpu")
+    lm = LoadedModel("tiny", model, tok, "tiny")
+    pol = PolicyHandle("pol", "sft", lm, runtime=runtime)
+    other_tok = copy.deepcopy(tok)
+    other_tok.add_tokens(["<another>"])
+    head = make_head(model.config.hidden_size, torch.device("cpu"), bias=False)
+    rm = RewardHandle("rm", LoadedModel("t2", model, other_tok, "t2"), head, runtime=runtime)
+    with pytest.raises(
+        ConfigError, match=r"uses a different tokenizer than policy 'pol'.*lambda p, r: rm\.reward\(p, r\)"
+    ):
+        R.scorer_for(rm, pol, lm, runtime)
+    assert R.scorer_for(lambda p, r: [0.0] * len(r), pol, lm, runtime) is not None
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing

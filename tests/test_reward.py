@@ -151,8 +151,9 @@ def test_normalisation_uses_sft_samples_on_training_prompts_and_survives_save_an
     assert sft.sample(unique, 2, max_new_tokens=48, temperature=0.7, seed=0) == [
         answers[i : i + 2] for i in range(0, len(answers), 2)
     ]  # drawn from the SFT policy itself
-    scores = h.score(prompts, answers)
+    scores = h.reward(prompts, answers)
     assert abs(statistics.fmean(scores)) < 1e-4 and statistics.stdev(scores) == pytest.approx(1.0, abs=1e-4)
+    assert h.score(prompts, answers) == pytest.approx([s / h.gain + h.mean for s in scores], abs=1e-4)
     assert h.gain != 1.0 and h.lm is sft.lm and h.adapter != sft.adapter  # an adapter on the shared base
     assert h.lineage == {"model": "sft", "preferences": "12 rankings"}
 
@@ -160,7 +161,7 @@ def test_normalisation_uses_sft_samples_on_training_prompts_and_survives_save_an
     meta = json.loads((out / "rlhf_magic.json").read_text())
     assert (meta["mean"], meta["gain"], meta["kind"]) == (h.mean, h.gain, "reward")
     back = api.load_reward(str(out))
-    assert back.score(prompts, answers) == pytest.approx(scores, abs=1e-4)
+    assert back.reward(prompts, answers) == pytest.approx(scores, abs=1e-4)
     assert (back.mean, back.gain, back.accuracy, back.lineage) == (h.mean, h.gain, h.accuracy, h.lineage)
     assert not list(tmp_path.glob(".rm-*"))
     with pytest.raises(ModelError, match="not a saved reward model"):
@@ -184,7 +185,7 @@ def test_full_finetuning_normalises_on_the_weights_it_started_from(monkeypatch):
         answers[i : i + 2] for i in range(0, len(answers), 2)
     ]
     assert h.adapter is None and h.lm.model is not base.lm.model
-    assert statistics.fmean(h.score(prompts, answers)) == pytest.approx(0.0, abs=1e-4)
+    assert statistics.fmean(h.reward(prompts, answers)) == pytest.approx(0.0, abs=1e-4)
 
 
 def test_every_data_form_gives_the_same_rankings(tmp_path):

@@ -1,18 +1,18 @@
 """A saved reward model is a standard `AutoModelForSequenceClassification` checkpoint (issue 22, item 2).
 
-Its logits on rlhf-magic's own tokens are `rm.score()` less `config.rlhf_magic["score_offset"]`; the offset is 0 where
-the backbone ends in a LayerNorm with a bias (checked exactly on a tiny GPT-2), and for RMSNorm backbones such as the
-tiny Llama it is the one constant a bias-free `score` head cannot hold (see rlhf_magic/engine/reward_export.py).
+Its logits on rlhf-magic's own tokens are `rm.score()`, on an RMSNorm backbone (the tiny Llama) and on one that ends
+in a LayerNorm (a tiny GPT-2) alike; `config.rlhf_magic` holds the normalisation, reward = (score - mean) * gain.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from planted import q_rankings
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from rlhf_magic import api
@@ -31,9 +31,7 @@ def rm():
     h = api.reward(
         "judge", model="tiny", data=q_rankings(8), max_steps=3, lr=3e-3, batch_size=4, normalize="gain", progress=False
     )
-    with torch.no_grad():
-        h.head.bias.add_(0.25)  # the ranking loss leaves the bias (near) 0: make every term of the offset count
-    assert h.adapter and h.mean != 0.0 and h.gain != 1.0
+    assert h.adapter and h.mean != 0.0 and h.gain != 1.0 and h.head.bias is None
     return h
 
 
@@ -64,24 +62,27 @@ def test_the_folder_loads_as_a_sequence_classifier_with_every_weight_from_the_fi
     assert cfg.num_labels == 1 and cfg.pad_token_id == tok.pad_token_id != tok.eos_token_id
     norm = cfg.rlhf_magic
     assert (norm["mean"], norm["gain"], norm["max_length"]) == (rm.mean, rm.gain, rm.max_length)
-    assert norm["score_offset"] == pytest.approx((float(rm.head.bias.detach()) - rm.mean) * rm.gain, rel=1e-6)
-    assert norm["folded_into"] is None  # the tiny Llama ends in an RMSNorm: no bias to carry the offset
+    assert "score_offset" not in norm and torch.equal(weights["score.weight"], rm.head.weight.detach())
     card = (saved / "README.md").read_text()
     assert "judge" in card and "reward" in card
 
 
-def test_logits_are_the_handles_scores_less_the_recorded_offset(rm, saved):
-    """Texts of four lengths in one padded batch: the logit at the last non-pad token is rm.score() - offset, so
-    every difference between two answers' scores is the handle's own (the LoRA adapter merged in)."""
+def test_logits_are_the_handles_scores_and_the_config_turns_them_into_its_rewards(rm, saved):
+    """Texts of four lengths in one padded batch: the logit at the last non-pad token is rm.score() (the LoRA adapter
+    merged in), on the tiny Llama's RMSNorm backbone; (logit - mean) * gain is rm.reward()."""
     model = AutoModelForSequenceClassification.from_pretrained(saved)
     logits, scores = hf_logits(model, rm.tokenizer), torch.tensor(rm.score(PROMPTS, ANSWERS))
-    torch.testing.assert_close(logits + model.config.rlhf_magic["score_offset"], scores, atol=1e-4, rtol=0)
-    torch.testing.assert_close(logits - logits[0], scores - scores[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, scores, atol=1e-4, rtol=0)
+    norm = model.config.rlhf_magic
+    rewards = torch.tensor(rm.reward(PROMPTS, ANSWERS))
+    torch.testing.assert_close((logits - norm["mean"]) * norm["gain"], rewards, atol=1e-4, rtol=0)
+    assert rm(PROMPTS, ANSWERS) == rm.reward(PROMPTS, ANSWERS)
 
 
 def test_load_reward_reads_the_folder_back_with_the_same_scores_and_lineage(rm, saved):
     back = api.load_reward(str(saved))
     assert back.score(PROMPTS, ANSWERS) == pytest.approx(rm.score(PROMPTS, ANSWERS), abs=1e-4)
+    assert back.reward(PROMPTS, ANSWERS) == pytest.approx(rm.reward(PROMPTS, ANSWERS), abs=1e-4)
     assert (back.name, back.mean, back.gain, back.max_length) == (rm.name, rm.mean, rm.gain, rm.max_length)
     assert back.lineage == rm.lineage and back.accuracy == rm.accuracy
 
@@ -107,18 +108,36 @@ def test_saving_over_a_folder_needs_overwrite(rm, saved, tmp_path):
     assert (out / "config.json").read_text() == before and not list(tmp_path.glob(".rm-*"))
 
 
-def test_the_older_folder_format_still_loads(rm, tmp_path):
-    """A causal LM + reward_head.pt + rlhf_magic.json, as earlier versions saved it."""
+def test_the_older_folder_format_still_loads_with_its_head_bias_in_the_mean(rm, tmp_path):
+    """A causal LM + reward_head.pt (a head with a bias) + rlhf_magic.json, as earlier versions saved it: the bias
+    moves into the mean, so the rewards are the old ones."""
     old = tmp_path / "old"
     merged_copy(rm.lm, rm.adapter).save_pretrained(old)
     rm.tokenizer.save_pretrained(old)
-    torch.save({k: v.detach() for k, v in rm.head.state_dict().items()}, old / HEAD_FILE)
+    torch.save({"weight": rm.head.weight.detach(), "bias": torch.tensor([0.25])}, old / HEAD_FILE)
     meta = {**rm.describe(), "mean": rm.mean, "gain": rm.gain, "max_length": rm.max_length}
     (old / "rlhf_magic.json").write_text(json.dumps(meta))
     back = load_reward(old, rm.runtime)
     assert back.score(PROMPTS, ANSWERS) == pytest.approx(rm.score(PROMPTS, ANSWERS), abs=1e-4)
+    want = [(s + 0.25 - rm.mean) * rm.gain for s in rm.score(PROMPTS, ANSWERS)]
+    assert back.reward(PROMPTS, ANSWERS) == pytest.approx(want, abs=1e-4) and back.head.bias is None
     with pytest.raises(ModelError, match="not a saved reward model"):
         load_reward(tmp_path, rm.runtime)
+
+
+def test_a_checkpoint_with_a_score_offset_loads_with_the_rewards_it_meant(rm, saved, tmp_path):
+    """The format of the last release: score.weight = gain * w and logits + score_offset = the reward."""
+    older = tmp_path / "older"
+    shutil.copytree(saved, older)
+    config = json.loads((older / "config.json").read_text())
+    config["rlhf_magic"]["score_offset"] = offset = -0.4
+    (older / "config.json").write_text(json.dumps(config))
+    weights = load_file(older / "model.safetensors")
+    weights["score.weight"] = weights["score.weight"] * rm.gain
+    save_file(weights, older / "model.safetensors", metadata={"format": "pt"})
+    logits = hf_logits(AutoModelForSequenceClassification.from_pretrained(older), rm.tokenizer)
+    back = load_reward(older, rm.runtime)
+    torch.testing.assert_close(torch.tensor(back.reward(PROMPTS, ANSWERS)), logits + offset, atol=1e-4, rtol=0)
 
 
 def test_a_sequence_classifier_from_another_trainer_loads_and_scores_its_logits(rm, tmp_path):
@@ -142,7 +161,7 @@ def test_a_sequence_classifier_from_another_trainer_loads_and_scores_its_logits(
 
 @pytest.fixture
 def gpt2_reward(tmp_path, runtime):
-    """An untrained reward handle on a tiny GPT-2 (its final LayerNorm has a bias), with a head bias, mean and gain."""
+    """An untrained reward handle on a tiny GPT-2 (its final LayerNorm has a bias), with a mean and a gain."""
     tok = tiny_tokenizer()
     ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     torch.manual_seed(0)
@@ -151,23 +170,21 @@ def gpt2_reward(tmp_path, runtime):
     ).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
     lm = runtime.load_fresh(str(tmp_path / "gpt2"))
-    head = make_head(32, runtime.device)
-    with torch.no_grad():
-        head.bias.fill_(0.3)
-    h = RewardHandle("g", lm, head, runtime=runtime)
+    h = RewardHandle("g", lm, make_head(32, runtime.device, bias=False), runtime=runtime)
     h.mean, h.gain = 0.7, 2.5
     return h
 
 
-def test_where_the_backbone_ends_in_a_layernorm_the_logits_equal_the_scores_exactly(gpt2_reward, tmp_path):
+def test_on_a_layernorm_backbone_too_the_logits_equal_the_scores_and_the_backbone_is_saved_as_it_is(
+    gpt2_reward, tmp_path
+):
     h = gpt2_reward
-    ln_f = h.lm.model.transformer.ln_f.bias.detach().clone()
-    scores = h.score(PROMPTS, ANSWERS)
+    scores, rewards = h.score(PROMPTS, ANSWERS), h.reward(PROMPTS, ANSWERS)
+    assert rewards == pytest.approx([(s - 0.7) * 2.5 for s in scores], abs=1e-6)
     out = h.save(tmp_path / "rm")
     model, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-    norm = model.config.rlhf_magic
-    assert (norm["score_offset"], norm["folded_into"]) == (0.0, "transformer.ln_f.bias")
     torch.testing.assert_close(hf_logits(model, h.tokenizer), torch.tensor(scores), atol=1e-4, rtol=0)
-    assert torch.equal(h.lm.model.transformer.ln_f.bias, ln_f) and h.score(PROMPTS, ANSWERS) == scores  # untouched
-    assert load_reward(out, h.runtime).score(PROMPTS, ANSWERS) == pytest.approx(scores, abs=1e-4)
+    assert torch.equal(model.transformer.ln_f.bias, h.lm.model.transformer.ln_f.bias)  # nothing folded into it
+    back = load_reward(out, h.runtime)
+    assert back.reward(PROMPTS, ANSWERS) == pytest.approx(rewards, abs=1e-4)

@@ -118,7 +118,8 @@ USAGE = {
         "from transformers import AutoModelForSequenceClassification",
         "",
         f'model = AutoModelForSequenceClassification.from_pretrained("{HERE}")  # one logit: the score',
-        'rm = rlhf_magic.load_reward("<this folder>")  # rm.score(prompts, responses)',
+        "norm = model.config.rlhf_magic  # rlhf-magic's reward = (score - norm['mean']) * norm['gain']",
+        'rm = rlhf_magic.load_reward("<this folder>")  # rm.score(prompts, responses), rm.reward(...)',
     ],
 }
 RESIZE = "base.resize_token_embeddings(len(tokenizer))  # rlhf-magic added a PAD token; the adapter holds its row"

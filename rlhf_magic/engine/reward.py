@@ -61,7 +61,7 @@ def train_reward(
     # 2. rankings -> tokenized items -> train / held-out split by prompt
     train, evals = split(load_items(prefs, lm.tokenizer, cfg.max_length), cfg.eval_fraction, cfg.seed)
     # 3. trainables: a fresh scalar head and the adapter (a copy of the SFT adapter), or every backbone weight
-    head = make_head(lm.model.config.hidden_size, runtime.device)
+    head = make_head(lm.model.config.hidden_size, runtime.device, bias=False)
     adapter = add_adapter(lm, f"{name}-rm", cfg.lora, init_from=init_from) if cfg.lora else None
     lineage = (*parents, data_source(cfg.data, prefs))
     handle = RewardHandle(

@@ -1,14 +1,11 @@
 """A reward model as a standard `AutoModelForSequenceClassification` checkpoint, and back.
 
-The checkpoint is the backbone (adapters merged) plus a bias-free `score` head with one label, so TRL, OpenRLHF and
-any other trainer read it. rlhf-magic's score is `(head(h) - mean) * gain` = `gain * w . h + gain * (bias - mean)`,
-where h is the last hidden state at the answer's EOS (the last non-pad token, which is the token transformers pools).
-The gain goes into `score.weight` exactly. The constant `gain * (bias - mean)` needs a bias, which transformers'
-score heads do not have. Where the backbone ends in a LayerNorm with a bias (GPT-2, which the tests check; Pythia,
-Phi-2 and Falcon end the same way) it moves exactly into that bias, and the logits equal `score()`. RMSNorm backbones
-(Llama, Qwen, Mistral, Gemma, SmolLM) have no constant to carry it, so their logits are `score()` minus that constant,
-which `config.rlhf_magic` records as `score_offset` (rankings, pairwise differences and group-normalised rewards are
-unaffected).
+The checkpoint is the backbone (adapters merged) plus the reward model's own bias-free `score` head with one label,
+so TRL, OpenRLHF and any other trainer read it, and its logits are `rm.score()` on every backbone (the logit at the
+answer's EOS, the last non-pad token, which is the token transformers pools). The normalisation that turns a score
+into the reward PPO optimises, `reward = (score - mean) * gain`, is not folded into the weights (an RMSNorm backbone
+has no bias that could carry the shift): `config.rlhf_magic` records `mean` and `gain`, as OpenRLHF's reward models
+record theirs. Checkpoints written before the logits were the score (with a `score_offset`) still load.
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ from ..errors import ModelError
 
 KEY = "rlhf_magic"  # the config.json entry holding the normalisation
 TOKENS = "chat-formatted prompt + response + EOS, right-padded; the logit at the last non-pad token (the EOS)"
+REWARD = "logits = rm.score(); the reward PPO optimises = (logits - mean) * gain"
 
 
 def seq_cls_model(model: Any, weight: torch.Tensor, extra: dict[str, Any]) -> Any:
@@ -54,51 +52,20 @@ def seq_cls_model(model: Any, weight: torch.Tensor, extra: dict[str, Any]) -> An
     return cls
 
 
-def fold_offset(cls: Any, state: dict[str, torch.Tensor], offset: float, probe: torch.Tensor) -> str | None:
-    """Add `offset` to every logit of `cls` by shifting the bias of the LayerNorm that produces its last hidden state
-    (in `state`, the dict that gets saved). Returns that bias's name, or None where the backbone ends otherwise.
-    `probe`: a few token ids, run once to find which module's output the backbone returns."""
-    prefix = cls.base_model_prefix
-    trunk, w = getattr(cls, prefix), cls.score.weight.detach().float().reshape(-1)
-    norms = {n: m for n, m in trunk.named_modules() if isinstance(m, nn.LayerNorm) and m.bias is not None}
-    if not norms or offset == 0.0 or float(w @ w) == 0.0:
-        return None
-    outputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out)) for n, m in norms.items()]
-    try:
-        with torch.no_grad():
-            last = trunk(input_ids=probe.to(w.device), use_cache=False).last_hidden_state
-    finally:
-        for h in hooks:
-            h.remove()
-    name = next((n for n, out in outputs.items() if out.shape == last.shape and torch.equal(out, last)), None)
-    if name is None:
-        return None
-    key = f"{prefix}.{name}.bias"
-    bias = state[key]
-    state[key] = (bias.float() + offset * w / float(w @ w)).to(bias.dtype)  # w . shift = offset
-    return key
-
-
 def write_reward(folder: Path, model: Any, handle: Any) -> dict[str, Any]:
     """Save `model` (the merged backbone) with `handle`'s head and normalisation as a sequence-classification
     checkpoint in `folder`; returns what `config.rlhf_magic` records."""
-    head = handle.head
-    weight = head.weight.detach().reshape(-1) * handle.gain
-    bias = float(head.bias.detach()) if head.bias is not None else 0.0
-    offset = (bias - handle.mean) * handle.gain
-    extra = {"mean": handle.mean, "gain": handle.gain, "score_offset": offset, "folded_into": None}
-    extra |= {"max_length": handle.max_length, "score": "(raw - mean) * gain = logits + score_offset", "input": TOKENS}
+    extra = {
+        "mean": handle.mean,
+        "gain": handle.gain,
+        "max_length": handle.max_length,
+        "reward": REWARD,
+        "input": TOKENS,
+    }
     dtype = next(model.parameters()).dtype
-    cls = seq_cls_model(model, weight.to(dtype), extra)
-    state = cls.state_dict()
-    tok = handle.tokenizer
-    probe = torch.tensor([[tok.bos_token_id or tok.eos_token_id, tok.eos_token_id]])
-    folded = fold_offset(cls, state, offset, probe)
-    if folded is not None:
-        extra |= {"score_offset": 0.0, "folded_into": folded}
-    cls.config.pad_token_id = tok.pad_token_id
-    cls.save_pretrained(folder, state_dict=state)
+    cls = seq_cls_model(model, handle.head.weight.detach().reshape(-1).to(dtype), extra)
+    cls.config.pad_token_id = handle.tokenizer.pad_token_id
+    cls.save_pretrained(folder)
     return extra
 
 
@@ -115,19 +82,19 @@ def saved_format(path: Path) -> dict[str, Any] | None:
     labels = config.get("num_labels") or len(config.get("id2label") or {0: ""})
     if labels != 1:
         raise ModelError(f"{str(path)!r} is a classifier with {labels} labels; a reward model has one (num_labels = 1)")
-    return {"mean": 0.0, "gain": 1.0, "score_offset": 0.0, **(config.get(KEY) or {})}
+    return {"mean": 0.0, "gain": 1.0, **(config.get(KEY) or {})}
 
 
-def read_head(path: Path, extra: dict[str, Any], device: torch.device) -> nn.Linear:
-    """rlhf-magic's head from the checkpoint's `score.weight`: `(head(h) - mean) * gain` gives its logits plus
-    `score_offset` back."""
+def read_head(path: Path, extra: dict[str, Any], device: torch.device) -> tuple[nn.Linear, float]:
+    """rlhf-magic's bias-free head from the checkpoint's `score.weight`, and the `mean` of its normalisation."""
     weight = read_tensor(path, "score.weight").float().reshape(-1)
-    gain, mean, offset = float(extra["gain"]), float(extra["mean"]), float(extra["score_offset"])
-    head = nn.Linear(weight.shape[0], 1).to(device)
+    mean = float(extra["mean"])
+    if "score_offset" in extra:  # an older checkpoint: its weight was gain * w, and its logits + offset the reward
+        weight, mean = weight / float(extra["gain"]), -float(extra["score_offset"]) / float(extra["gain"])
+    head = nn.Linear(weight.shape[0], 1, bias=False).to(device)
     with torch.no_grad():
-        head.weight.copy_(weight.reshape(1, -1) / gain)
-        head.bias.fill_(offset / gain + mean)
-    return head
+        head.weight.copy_(weight.reshape(1, -1))
+    return head, mean
 
 
 @contextlib.contextmanager

@@ -26,11 +26,15 @@ from .text import encode, format_prompt
 HEAD_FILE = "reward_head.pt"
 
 
-def make_head(hidden: int, device: torch.device) -> nn.Linear:
-    """A scalar head initialised with std 1/sqrt(d+1) (as in lm-human-preferences) and zero bias."""
+def make_head(hidden: int, device: torch.device, *, bias: bool = True) -> nn.Linear:
+    """A scalar head initialised with std 1/sqrt(d+1) (as in lm-human-preferences), with a zero bias or (a reward
+    head: the ranking loss sees only differences of scores, so a bias would get no gradient) none, like the `score`
+    head of transformers' sequence classifiers. Built the same way either way, so it draws the same random numbers."""
     head = nn.Linear(hidden, 1).to(device)
     nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
     nn.init.zeros_(head.bias)
+    if not bias:
+        head.bias = None
     return head
 
 
@@ -76,7 +80,8 @@ class RankingLoss(OverModel):
 
 
 class RewardHandle(Handle):
-    """A trained reward model: `.score(prompts, responses)`, `.accuracy`, `.save(path)`."""
+    """A trained reward model: `.score(prompts, responses)` (its logits), `.reward(...)` (the normalised score that
+    PPO and GRPO optimise), `.accuracy`, `.save(path)`."""
 
     kind = "reward"
 
@@ -94,7 +99,7 @@ class RewardHandle(Handle):
     ):
         super().__init__(name, "reward", config, parents, runtime)
         self.lm, self.adapter, self.head, self.max_length = lm, adapter, head, max_length
-        self.mean, self.gain = 0.0, 1.0  # normalisation: score = (raw - mean) * gain
+        self.mean, self.gain = 0.0, 1.0  # normalisation: reward = (score - mean) * gain
 
     @property
     def tokenizer(self) -> Any:
@@ -118,7 +123,7 @@ class RewardHandle(Handle):
 
     @torch.no_grad()
     def raw_scores(self, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
-        """Unnormalised scores of token rows (any padding side), always in eval mode (no dropout anywhere).
+        """Scores (logits) of token rows (any padding side), always in eval mode (no dropout anywhere).
         `prefix`: the rows' shared frozen-prefix states, when computed on this reward model's own base model."""
         model = self.lm.model
         was_training = model.training
@@ -134,39 +139,39 @@ class RewardHandle(Handle):
         finally:
             model.train(was_training)
 
-    def score_tokens(self, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
-        """Normalised scores [N] of token rows written with this model's tokenizer."""
+    def reward_tokens(self, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
+        """Normalised scores [N] of token rows written with this model's tokenizer: what PPO and GRPO optimise."""
         return (self.raw_scores(ids, mask, prefix) - self.mean) * self.gain
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
-        """One normalised score per (prompt, response), computed in batches."""
-        if isinstance(prompts, str) and isinstance(responses, str):
-            prompts, responses = [prompts], [responses]
-        if isinstance(prompts, str) or isinstance(responses, str):
-            raise DataError("score() takes a list of prompts and a list of responses (or one string of each)")
-        if len(prompts) != len(responses):
-            raise DataError(f"score() got {len(prompts)} prompts and {len(responses)} responses; give one each")
+        """One score per (prompt, response), in batches: the model's logit, which the saved checkpoint gives too
+        (`AutoModelForSequenceClassification`). Only differences of scores mean something to the ranking loss."""
         out: list[float] = []
         tok, device = self.lm.tokenizer, self.runtime.device
+        prompts, responses = pairs_of(prompts, responses, "score")
         for i in range(0, len(prompts), batch_size):
             rows = [
                 answer_ids(tok, p, r, self.max_length)
                 for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
             ]
             ids, mask = right_pad(rows, tok.pad_token_id)
-            out += self.score_tokens(ids.to(device), mask.to(device)).tolist()
+            out += self.raw_scores(ids.to(device), mask.to(device)).tolist()
         return out
 
+    def reward(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """The reward PPO and GRPO optimise: `(score - mean) * gain`, where (with `normalize`) the SFT policy's own
+        answers average 0 (and, with 'gain', have std 1); `mean` and `gain` are in the saved config."""
+        return [(s - self.mean) * self.gain for s in self.score(prompts, responses, batch_size)]
+
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return self.score(prompts, responses)
+        return self.reward(prompts, responses)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """A standard sequence-classification checkpoint with a model card (README.md): the backbone with its adapter
         merged, a one-label `score` head, the pad token set and the normalisation in `config.rlhf_magic`, for
         `AutoModelForSequenceClassification.from_pretrained(path)` (TRL, OpenRLHF, ...), `load_reward(path)` and
-        `reward = "<path>"`. Its logits on the same tokens are `score()` minus `config.rlhf_magic["score_offset"]`:
-        0 where the backbone ends in a LayerNorm with a bias, else `gain * (head bias - mean)`, a constant that a
-        bias-free `score` head cannot hold (see reward_export.py).
+        `reward = "<path>"`. Its logits on the same tokens are `score()`; `config.rlhf_magic` holds `mean` and `gain`,
+        which turn them into `reward()`.
         An existing non-empty folder is replaced only with `overwrite=True`."""
         from .export import write_card
 
@@ -198,9 +203,20 @@ class RewardHandle(Handle):
             ("base model", self.lm.spec),
             ("weights", f"LoRA adapter {self.adapter} + scalar head" if self.adapter else "full model + head"),
             ("held-out accuracy", f"{acc:.1%}" if acc is not None else "n/a"),
-            ("normalisation", f"score = (raw - {self.mean:.3f}) x {self.gain:.3f}"),
+            ("normalisation", f"reward = (score - {self.mean:.3f}) x {self.gain:.3f}"),
         ]
         return rows + super()._rows()
+
+
+def pairs_of(prompts: Any, responses: Any, method: str) -> tuple[Sequence[str], Sequence[str]]:
+    """Two equally long lists of prompts and responses (one string of each is one pair)."""
+    if isinstance(prompts, str) and isinstance(responses, str):
+        return [prompts], [responses]
+    if isinstance(prompts, str) or isinstance(responses, str):
+        raise DataError(f"{method}() takes a list of prompts and a list of responses (or one string of each)")
+    if len(prompts) != len(responses):
+        raise DataError(f"{method}() got {len(prompts)} prompts and {len(responses)} responses; give one each")
+    return prompts, responses
 
 
 def load_reward(path: str | Path, runtime: Runtime, name: str | None = None) -> RewardHandle:
@@ -217,14 +233,18 @@ def load_reward(path: str | Path, runtime: Runtime, name: str | None = None) -> 
         )
     with quiet_load():
         lm = runtime.load_fresh(str(path))
+    norm = saved if saved is not None else meta
     if saved is not None:
-        head, norm = read_head(path, saved, runtime.device), saved
-    else:
-        head, norm = make_head(lm.model.config.hidden_size, runtime.device), meta
-        head.load_state_dict(torch.load(path / HEAD_FILE, map_location=runtime.device, weights_only=True))
+        head, mean = read_head(path, saved, runtime.device)
+    else:  # the older folder: a head with a bias, which moves into the mean (the reward is the same)
+        state = torch.load(path / HEAD_FILE, map_location=runtime.device, weights_only=True)
+        head = make_head(lm.model.config.hidden_size, runtime.device, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(state["weight"])
+        mean = float(meta.get("mean", 0.0)) - (float(state["bias"]) if "bias" in state else 0.0)
     name = name or meta.get("name", "reward")
     parents, max_length = meta.get("parents", []), int(norm.get("max_length", meta.get("max_length", 512)))
     handle = RewardHandle(name, lm, head, runtime=runtime, parents=parents, max_length=max_length)
-    handle.mean, handle.gain = float(norm.get("mean", 0.0)), float(norm.get("gain", 1.0))
+    handle.mean, handle.gain = mean, float(norm.get("gain", 1.0))
     handle.metrics.summary.update(meta.get("metrics") or {})
     return handle

@@ -200,13 +200,13 @@ def as_list(adapter: Any) -> list[str]:
 
 
 def value_head_for(reward: Any, lm: LoadedModel, runtime: Runtime) -> nn.Linear:
-    """Where the reward model shares the hidden size: its normalised head, score = (raw - mean) * gain, so the
-    first values are on the scale of the scores; else initialised like a reward head."""
+    """Where the reward model shares the hidden size: its head, normalised (reward = (score - mean) * gain), so the
+    first values are on the scale of the rewards; else initialised like a reward head."""
     head = make_head(lm.model.config.hidden_size, runtime.device)
     if isinstance(reward, RewardHandle) and reward.head.weight.shape == head.weight.shape:
         with torch.no_grad():
             head.weight.copy_(reward.head.weight * reward.gain)
-            head.bias.copy_((reward.head.bias - reward.mean) * reward.gain)
+            head.bias.copy_((torch.zeros_like(head.bias) - reward.mean) * reward.gain)
     return head
 
 
@@ -217,10 +217,10 @@ def scorer_for(reward: Any, pol: PolicyHandle, lm: LoadedModel, runtime: Runtime
             raise ConfigError(
                 f"reward model {reward.name!r} uses a different tokenizer than policy {pol.name!r}, so "
                 f"its scores would need re-tokenised text; train the reward model from this policy, or "
-                f"pass reward = lambda p, r: {reward.name}.score(p, r)"
+                f"pass reward = lambda p, r: {reward.name}.reward(p, r)"
             )
         same_base = reward.lm is lm  # then the rollout's shared frozen prefix is valid for it too
-        return lambda prompts, texts, ids, mask, prefix: reward.score_tokens(ids, mask, prefix if same_base else None)
+        return lambda prompts, texts, ids, mask, prefix: reward.reward_tokens(ids, mask, prefix if same_base else None)
     if callable(reward):
         return callable_scorer(reward, runtime.device)
     raise ConfigError(
