@@ -28,16 +28,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_throughput import ensure_side_venv, rankings  # the same data and side venv
-
-ROOT = Path(__file__).resolve().parent.parent
+from reward_throughput import ensure_side_venv, rankings, run_side  # the same data, side venv and runner
 
 
 def peak_rss_mib() -> float:
@@ -156,17 +153,12 @@ def trl_side(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 def child(python: Path, side: str, args: argparse.Namespace, data_file: Path, mdir: str, per_step: int) -> dict:
-    cmd = [str(python), __file__, "--side", side, "--data", str(data_file), "--model-dir", mdir,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--per-step", str(per_step),
-           "--lora", str(args.lora), "--threads", str(args.threads), "--warmup", str(args.warmup),
-           "--max-length", str(args.max_length), "--trl-precompute", str(args.trl_precompute)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    flags = ["--side", side, "--data", str(data_file), "--model-dir", mdir,
+             "--steps", str(args.steps), "--batch", str(args.batch), "--per-step", str(per_step),
+             "--lora", str(args.lora), "--threads", str(args.threads), "--warmup", str(args.warmup),
+             "--max-length", str(args.max_length), "--trl-precompute", str(args.trl_precompute)]  # fmt: skip
     tag = "ENGINE " if side == "engine" else "TRL "
-    line = next((x for x in done.stdout.splitlines() if x.startswith(tag)), None)
-    if done.returncode or line is None:
-        raise SystemExit(f"the {side} side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(line[len(tag) :])
+    return run_side(python, __file__, flags, threads=args.threads, tag=tag, name=side)
 
 
 def parse() -> argparse.Namespace:

@@ -27,16 +27,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_throughput import TOPICS, ensure_side_venv  # the same topics and side venv
-
-ROOT = Path(__file__).resolve().parent.parent
+from reward_throughput import TOPICS, ensure_side_venv, run_side  # the same topics, side venv and runner
 
 
 def prompts(n: int) -> list[str]:
@@ -141,13 +138,8 @@ def side(python: Path | str, name: str, args: argparse.Namespace, model_dir: str
     """One side in a fresh process; its 'SIDE {json}' line."""
     keep = ("prompts", "batch", "g", "new_tokens", "steps", "warmup", "lora", "beta", "threads")
     flags = [x for k in keep for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    cmd = [str(python), __file__, "--side", name, "--model-dir", model_dir, *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("SIDE ")), None)
-    if done.returncode or line is None:
-        raise SystemExit(f"the {name} side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(line[5:])
+    flags = ["--side", name, "--model-dir", model_dir, *flags]
+    return run_side(python, __file__, flags, threads=args.threads, tag="SIDE ", name=name)
 
 
 def model_folder(name: str, tmp: Path) -> str:

@@ -121,16 +121,22 @@ def ensure_side_venv() -> Path:
     return python
 
 
-def trl_round(python: Path, pairs_file: Path, model_dir: str, args: argparse.Namespace, per_step: int) -> dict:
-    cmd = [str(python), __file__, "--side", "trl", "--pairs", str(pairs_file), "--model-dir", model_dir,
-           "--steps", str(args.steps), "--per-step", str(per_step), "--lora", str(args.lora),
-           "--threads", str(args.threads), "--warmup", str(args.warmup)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("TRL ")), None)
+def run_side(python: Path | str, script: str, flags: list[str], *, threads: int, tag: str, name: str) -> dict:
+    """`script` with `flags`, run by `python` in a fresh process on `threads` threads, offline; the JSON on its
+    output line that starts with `tag`. Shared by the TRL comparisons."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(python), script, *flags], capture_output=True, text=True, env=env, cwd=ROOT)
+    line = next((x for x in done.stdout.splitlines() if x.startswith(tag)), None)
     if done.returncode or line is None:
-        raise SystemExit(f"the TRL side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(line[4:])
+        raise SystemExit(f"the {name} side failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(line[len(tag) :])
+
+
+def trl_round(python: Path, pairs_file: Path, model_dir: str, args: argparse.Namespace, per_step: int) -> dict:
+    flags = ["--side", "trl", "--pairs", str(pairs_file), "--model-dir", model_dir,
+             "--steps", str(args.steps), "--per-step", str(per_step), "--lora", str(args.lora),
+             "--threads", str(args.threads), "--warmup", str(args.warmup)]  # fmt: skip
+    return run_side(python, __file__, flags, threads=args.threads, tag="TRL ", name="TRL")
 
 
 def trl_side(args: argparse.Namespace) -> None:
