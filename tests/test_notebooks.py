@@ -142,8 +142,9 @@ CHECKS = {
         "assert all(n == len(rm_check) == 12 and lo <= acc <= hi for acc, (lo, hi), n in tested.values()), tested",
         # "all three policies write shorter answers than the SFT model"
         "assert max(chars['ppo'], chars['dpo'], chars['grpo']) < chars['sft'], chars",
-        # "PPO and GRPO went much further than DPO: ... under half of DPO's"
-        "assert max(chars['ppo'], chars['grpo']) < chars['dpo'] / 2, chars",
+        # "PPO and GRPO went much further than DPO: their answers average fewer than 8 words, under half of DPO's"
+        "assert max(chars['ppo'], chars['grpo']) < chars['dpo'] / 2, chars\n"
+        "assert max(words['ppo'], words['grpo']) < 8 and max(words['ppo'], words['grpo']) < words['dpo'] / 2, words",
         # "the reward model scores them far above SFT's, while its score of DPO's answers stays closer to SFT's"
         "_gain = {k: mean_score[k] - mean_score['sft'] for k in ('ppo', 'dpo', 'grpo')}\n"
         "assert min(_gain['ppo'], _gain['grpo']) > max(abs(_gain['dpo']), 0.5), _gain",
