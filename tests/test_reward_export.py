@@ -19,7 +19,7 @@ from rlhf_magic import api
 from rlhf_magic.engine.adapters import merged_copy
 from rlhf_magic.engine.reward_model import HEAD_FILE, RewardHandle, answer_ids, load_reward, make_head, right_pad
 from rlhf_magic.engine.tiny import tiny_tokenizer
-from rlhf_magic.errors import ConfigError, ModelError
+from rlhf_magic.errors import ConfigError, DataError, ModelError
 
 PROMPTS = ["Hi", "What is two plus two?", "Write one long sentence about the sea, please.", "Say something, 3."]
 ANSWERS = ["yo", "It is four, of course.", "The sea is wide and grey and it never stops moving at all.", "qqqq"]
@@ -77,6 +77,16 @@ def test_logits_are_the_handles_scores_and_the_config_turns_them_into_its_reward
     rewards = torch.tensor(rm.reward(PROMPTS, ANSWERS))
     torch.testing.assert_close((logits - norm["mean"]) * norm["gain"], rewards, atol=1e-4, rtol=0)
     assert rm(PROMPTS, ANSWERS) == rm.reward(PROMPTS, ANSWERS)
+
+
+def test_score_and_reward_take_one_string_of_each_or_two_equal_lists_and_name_themselves_when_not(rm):
+    assert rm.reward(PROMPTS[0], ANSWERS[0]) == pytest.approx(rm.reward(PROMPTS[:1], ANSWERS[:1]), abs=1e-6)
+    for method in ("score", "reward"):
+        call = getattr(rm, method)
+        with pytest.raises(DataError, match=rf"^{method}\(\) got 2 prompts and 1 responses; give one each$"):
+            call(PROMPTS[:2], ANSWERS[:1])
+        with pytest.raises(DataError, match=rf"^{method}\(\) takes a list of prompts and a list of responses"):
+            call(PROMPTS[0], ANSWERS)
 
 
 def test_load_reward_reads_the_folder_back_with_the_same_scores_and_lineage(rm, saved):

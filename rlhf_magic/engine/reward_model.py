@@ -161,6 +161,7 @@ class RewardHandle(Handle):
     def reward(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """The reward PPO and GRPO optimise: `(score - mean) * gain`, where (with `normalize`) the SFT policy's own
         answers average 0 (and, with 'gain', have std 1); `mean` and `gain` are in the saved config."""
+        prompts, responses = pairs_of(prompts, responses, "reward")
         return [(s - self.mean) * self.gain for s in self.score(prompts, responses, batch_size)]
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
